@@ -1,0 +1,1 @@
+"""Subcommands of ``gmix``, one module each (see :mod:`gmix_curvature.cli`)."""
