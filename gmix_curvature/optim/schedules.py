@@ -220,4 +220,4 @@ class ScheduleLR(torch.optim.lr_scheduler.LRScheduler):
         return [lr * s for s in self.scales]
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in super().state_dict().items() if k != "schedule"}
+        return {k: v for k, v in super().state_dict().items() if k not in ("schedule", "scales")}
