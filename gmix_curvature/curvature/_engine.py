@@ -20,7 +20,16 @@ from gmix_curvature.curvature._result import CurvatureResult
 from gmix_curvature.curvature._softmax import SoftmaxStats, softmax_stats
 from gmix_curvature.errors import GmixError
 
-__all__ = ["make_generator", "probe_seeds", "batch_generator", "ProbeSums", "run_per_sample", "check_probes"]
+__all__ = [
+    "OverBudget",
+    "run_rounds",
+    "make_generator",
+    "probe_seeds",
+    "batch_generator",
+    "ProbeSums",
+    "run_per_sample",
+    "check_probes",
+]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 TermFn = Callable[[SoftmaxStats, torch.Tensor, torch.Generator, dict], list[tuple[torch.Tensor, torch.Tensor]]]
@@ -119,16 +128,28 @@ def run_rounds(
     num_probes: int,
     target_rel_stderr: float | None,
     max_probes: int,
+    budget: int | None = None,
 ) -> ProbeSums:
     """Run probes in rounds until ``num_probes`` are done and, with a target, the relative standard
-    error reaches it (or ``max_probes`` ran). ``run_round(seeds)`` returns all-reduced per-probe sums."""
+    error reaches it (or ``max_probes`` ran). ``run_round(seeds)`` returns all-reduced per-probe sums.
+    With ``budget``, raise :class:`OverBudget` as soon as the target is predicted to need more probes."""
     sums = ProbeSums(names)
     todo = num_probes
     while todo > 0:
         totals, blocks, n = run_round(probe_seeds(gen, todo))
         sums.add(totals, blocks, n)
         todo = sums.needed(target_rel_stderr, max_probes) if target_rel_stderr is not None else 0
+        if budget is not None and sums.k + todo > budget:
+            raise OverBudget(sums)
     return sums
+
+
+class OverBudget(Exception):
+    """The target relative standard error would need more probes than the budget (see ``method="auto"``)."""
+
+    def __init__(self, sums: ProbeSums) -> None:
+        super().__init__("over budget")
+        self.sums = sums
 
 
 def run_per_sample(
@@ -148,6 +169,7 @@ def run_per_sample(
     exact: bool = False,
     quantity: str = "ggn_trace",
     finish: Callable[[dict, ProbeSums], dict] | None = None,
+    budget: int | None = None,
 ) -> CurvatureResult:
     """Estimate (1/n) Σ_i Σ_terms w_i ‖J_iᵀ v_i‖² with the per-sample-norm engine (see ``_norms``)."""
     start = time.perf_counter()
@@ -196,7 +218,7 @@ def run_per_sample(
             sums = ProbeSums(names)
             sums.add(totals, blocks, n)
         else:
-            sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000)
+            sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000, budget)
     value, stderr = sums.value()
     per_param, per_param_se = sums.per_param()
     for key in list(diag):

@@ -189,7 +189,7 @@ class PerSampleNorms:
         torch.autograd.grad(self._logits, leaves, grad_outputs=v.to(self._logits.dtype), retain_graph=True,
                             allow_unused=True)
         out: dict[str, torch.Tensor] = {}
-        for module, prefix, a, slot in self._records:
+        for module, _, a, slot in self._records:
             if not slot:
                 g = torch.zeros((a.shape[0],), dtype=a.dtype, device=a.device)
                 rules = {k: g for k, p in module.named_parameters(recurse=False) if p.requires_grad}

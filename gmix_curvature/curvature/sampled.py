@@ -50,7 +50,8 @@ def _gumbel_argmax(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def _mc_terms(stats: SoftmaxStats, y: torch.Tensor, g: torch.Generator, diag: dict) -> list:
     c = _gumbel_argmax(stats.logp, g)
     rows = torch.arange(c.shape[0], device=c.device)
-    diag["expected_off_top"] = diag.get("expected_off_top", 0.0) + float(torch.exp(stats.log1m_p[rows, stats.top]).sum())
+    off_top = float(torch.exp(stats.log1m_p[rows, stats.top]).sum())  # Σ_i (1 - p_i,top)
+    diag["expected_off_top"] = diag.get("expected_off_top", 0.0) + off_top
     diag["draws_off_top"] = diag.get("draws_off_top", 0.0) + float((c != stats.top).sum())
     return [(torch.exp(stats.log_dist2[rows, c]), stats.unit_direction(c))]
 
