@@ -1,0 +1,149 @@
+"""GradientMix's cost per step against the plain mean-loss step, beside per-sample-gradient methods.
+
+Times one training step (forward, backward, SGD update) of the CIFAR ResNet-18 on a batch of CIFAR-shaped
+data, CPU, float32, for:
+
+- ``plain``: mean loss, one backward (the baseline);
+- ``gmix``: GradientMix (Eq. 4) as the toolkit does it: Σ_b π_b ℓ_b, one backward, π drawn each step;
+- ``vmap``: per-sample gradients with torch.func (vmap over grad), then Σ_b π_b g_b;
+- ``backpack``: per-sample gradients with BackPACK's BatchGrad (converter for the residual net), then Σ_b π_b g_b.
+
+The methods run interleaved (A B C D A B C D …) so a drifting machine affects all alike; the table shows
+each method's median step time and the median of its per-rep ratio to ``plain``. Peak memory is measured per method
+in a fresh subprocess: the process's maximum resident set size (torch itself included, the same for every method).
+
+    python bench/mixing_overhead.py [--width 64] [--batch 64] [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from gmix_curvature.mixing import mixed_loss
+from gmix_curvature.models import CifarResNet18
+from gmix_curvature.noise import sample_weights
+
+METHODS = ("plain", "gmix", "vmap", "backpack")
+
+
+def make_step(method: str, width: int, batch: int):
+    torch.manual_seed(0)
+    model = CifarResNet18(10, width=width)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batch,), generator=g)
+    params = dict(model.named_parameters())
+
+    if method == "plain":
+
+        def step():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    elif method == "gmix":
+
+        def step():
+            opt.zero_grad()
+            pi = sample_weights("gaussian", batch, 2.0 / batch, g)
+            mixed_loss(F.cross_entropy(model(x), y, reduction="none"), pi).backward()
+            opt.step()
+
+    elif method == "vmap":
+        from torch.func import functional_call, grad, vmap
+
+        buffers = dict(model.named_buffers())
+        model.eval()  # per-sample gradients need per-sample-independent BatchNorm (running statistics)
+
+        def loss1(p, xb, yb):
+            out = functional_call(model, (p, buffers), (xb.unsqueeze(0),))
+            return F.cross_entropy(out, yb.unsqueeze(0))
+
+        ps_grad = vmap(grad(loss1), in_dims=(None, 0, 0))
+
+        def step():
+            opt.zero_grad()
+            pi = sample_weights("gaussian", batch, 2.0 / batch, g)
+            grads = ps_grad({k: v.detach() for k, v in params.items()}, x, y)
+            for k, p in params.items():
+                p.grad = torch.einsum("b,b...->...", pi, grads[k])
+            opt.step()
+
+    elif method == "backpack":
+        from backpack import backpack, extend
+        from backpack.extensions import BatchGrad
+
+        model.eval()  # BackPACK refuses BatchNorm in train mode for per-sample quantities
+        model = extend(model, use_converter=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        lossfn = extend(torch.nn.CrossEntropyLoss(reduction="sum"))
+
+        def step():
+            opt.zero_grad()
+            pi = sample_weights("gaussian", batch, 2.0 / batch, g)
+            with backpack(BatchGrad()):
+                lossfn(model(x), y).backward()
+            for p in model.parameters():
+                p.grad = torch.einsum("b,b...->...", pi, p.grad_batch)
+            opt.step()
+
+    else:
+        raise ValueError(method)
+    return step
+
+
+def memory_of(method: str, width: int, batch: int, steps: int = 2) -> float:
+    """Peak resident memory (MB) of a fresh process that builds one method and runs ``steps`` steps."""
+    code = (
+        "import resource, json, sys; sys.path.insert(0, 'bench');"
+        "from mixing_overhead import make_step;"
+        f"s = make_step({method!r}, {width}, {batch});"
+        f"[s() for _ in range({steps})];"
+        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = ap.parse_args()
+    steps = {m: make_step(m, args.width, args.batch) for m in args.methods}
+    for s in steps.values():  # warm-up
+        s()
+    times: dict[str, list[float]] = {m: [] for m in args.methods}
+    for _ in range(args.reps):
+        for m, s in steps.items():
+            t = time.perf_counter()
+            s()
+            times[m].append(time.perf_counter() - t)
+    base = statistics.median(times["plain"]) if "plain" in times else None
+    print(f"CIFAR ResNet-18 width {args.width}, batch {args.batch}, CPU threads {torch.get_num_threads()}, "
+          f"{args.reps} interleaved reps")
+    print(f"{'method':10s} {'median s/step':>14s} {'min':>8s} {'max':>8s} {'vs plain':>9s} {'peak MB':>9s}")
+    rows = {}
+    for m in args.methods:
+        med = statistics.median(times[m])
+        mem = memory_of(m, args.width, args.batch)
+        # the median of the per-rep ratios: each pair ran back to back
+        ratio = statistics.median(a / b for a, b in zip(times[m], times["plain"])) if base else float("nan")
+        rows[m] = {"median_s": med, "ratio_vs_plain": ratio, "peak_mb": mem}
+        print(f"{m:10s} {med:14.3f} {min(times[m]):8.3f} {max(times[m]):8.3f} {ratio:9.2f} {mem:9.0f}")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
