@@ -24,7 +24,7 @@ test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 notebooks: $(STAMP)
-	$(PY) -m gmix_curvature.notebooks --out build/notebooks
+	$(PY) notebooks/run.py --out build/notebooks
 
 bench: $(STAMP)
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
