@@ -12,7 +12,6 @@ Device-wise mixing (Eq. 3) with one group per rank: each rank back-propagates it
 allreduce-mean, giving Σ_k π_k g_k; π is drawn identically on every rank.
 """
 
-from __future__ import annotations
 
 import os
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     config, resume = config_from_args(args)
     result = train(config, resume=resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     print(result.summary())
     if result.out is not None:
         print(f"outputs in {result.out}")
