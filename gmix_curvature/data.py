@@ -17,6 +17,9 @@ pickle files are read here directly; the training split gets the usual augmentat
 crop of the image zero-padded by 4, horizontal flip with probability 1/2), then per-channel
 normalisation.
 
+``imagenet`` (an ImageFolder tree) and ``multi30k`` (its text files) are read from disk on demand by
+:mod:`gmix_curvature.data_large`.
+
 ``synthetic``: CIFAR-shaped standard-normal images with uniformly random labels from a fixed seed
 (2,048 train, 512 test), for benchmarks and smoke runs.
 """
@@ -33,7 +36,7 @@ import torch
 
 __all__ = ["ArrayDataset", "load_dataset", "DATASETS", "SPLITS"]
 
-DATASETS = ("digits", "cifar10", "cifar100", "synthetic")
+DATASETS = ("digits", "cifar10", "cifar100", "synthetic", "imagenet", "multi30k")
 SPLITS = ("train", "test", "fit", "val")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -205,6 +208,13 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(DATASETS)}")
+    if name in ("imagenet", "multi30k"):  # read from disk on demand: gmix_curvature.data_large
+        from gmix_curvature.data_large import LARGE_DATASETS
+
+        ds = LARGE_DATASETS[name](split, data_dir)
+        if num_samples is not None:
+            raise ValueError(f"num_samples is not supported for {name}")
+        return ds
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if name == "digits":
