@@ -231,3 +231,30 @@ def test_bad_configuration(changes, match):
 def test_unknown_config_key():
     with pytest.raises(GmixError, match="unknown configuration keys: colour"):
         TrainConfig.from_dict({"colour": "blue"})
+
+
+def test_curvature_along_training_survives_a_kill_and_resume(tmp_path):
+    """Issue 10: --trace-every records Tr(G) on a fixed training subset; a killed and resumed run writes
+    the same records, each once."""
+    cfg = TrainConfig(model="digits_cnn", model_kwargs={"width": 4}, batch_size=128, steps=4, eval_every=1,
+                      checkpoint_every=1, progress=False, device="cpu", trace_every=2, trace_samples=64,
+                      noise="gaussian", kappa_ratio=1.0)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "a")))
+
+    def kill_at_3(step, _):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "b")), callback=kill_at_3)
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b")), resume=True)
+
+    def traces(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(x) for x in lines if json.loads(x)["kind"] == "trace"]
+
+    a, b = traces("a"), traces("b")
+    assert [r["step"] for r in a] == [0, 2, 4] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["ggn_trace"] == rb["ggn_trace"] > 0
+        assert ra["empirical_fisher_trace"] == rb["empirical_fisher_trace"]
