@@ -32,6 +32,9 @@ __all__ = [
 ]
 
 _GOLDEN = 0x9E3779B97F4A7C15
+# A standard error estimated from fewer probe values is too unreliable to stop on: per-probe values of a
+# confident model are heavy-tailed or discrete (one dominant sample), and 4 equal values happen.
+MIN_PROBES_FOR_TARGET = 8
 TermFn = Callable[[SoftmaxStats, torch.Tensor, torch.Generator, dict], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -90,6 +93,10 @@ class ProbeSums:
         se = float(t.std() / math.sqrt(self.k)) if self.k >= 2 else None
         return float(t.mean()), se
 
+    def probe_values(self) -> list[float]:
+        """The estimate of each probe alone (its sum over samples / n)."""
+        return [t / self.n for t in self.totals]
+
     def rel_stderr(self) -> float:
         v, se = self.value()
         if se is None:
@@ -134,7 +141,7 @@ def run_rounds(
     error reaches it (or ``max_probes`` ran). ``run_round(seeds)`` returns all-reduced per-probe sums.
     With ``budget``, raise :class:`OverBudget` as soon as the target is predicted to need more probes."""
     sums = ProbeSums(names)
-    todo = num_probes
+    todo = max(num_probes, MIN_PROBES_FOR_TARGET) if target_rel_stderr is not None else num_probes
     while todo > 0:
         totals, blocks, n = run_round(probe_seeds(gen, todo))
         sums.add(totals, blocks, n)
@@ -201,12 +208,12 @@ def run_per_sample(
                 check_labels(y, logits.shape[1])
                 stats = softmax_stats(logits)
                 n += int(y.shape[0])
+                zero = torch.zeros_like(stats.p[:, 0])
                 for j, seed in enumerate(seeds):
                     for w, v in terms(stats, y, batch_generator(seed, idx), diag):
                         norms = psn.norms(v)
-                        for col, name in enumerate(names):
-                            if name in norms:
-                                blocks[j, col] += (w * norms[name]).sum(dtype=torch.float64)
+                        stacked = torch.stack([norms[name] if name in norms else zero for name in names])
+                        blocks[j] += (stacked * w).sum(1, dtype=torch.float64)
             totals = blocks.sum(1)
             n_all = int(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
             if n_all == 0:
@@ -224,6 +231,8 @@ def run_per_sample(
     for key in list(diag):
         diag[key] = float(all_reduce_sum(torch.tensor(diag[key], dtype=torch.float64)).item())
     extra = {"backend": psn.backend, **(finish(diag, sums) if finish else {})}
+    if not exact:
+        extra["probe_values"] = sums.probe_values()
     if target_rel_stderr is not None:
         extra["target_rel_stderr"] = target_rel_stderr
     return CurvatureResult(

@@ -78,6 +78,7 @@ def run_param_space(
     value, stderr = sums.value()
     per_param, per_param_se = sums.per_param()
     info = dict(extra or {})
+    info["probe_values"] = sums.probe_values()
     if target_rel_stderr is not None:
         info["target_rel_stderr"] = target_rel_stderr
     return CurvatureResult(

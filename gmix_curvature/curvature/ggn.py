@@ -3,9 +3,11 @@
 The auto rule (measurements in theory/CURVATURE.md): a per-sample-norm pass costs the same whether it
 serves the exact method (C passes, one per class) or one probe of ``fisher_is``. The stochastic
 estimate to a relative standard error r needs about (relative sd of a pass / r)² passes, and the
-relative sd of a pass falls as 1/√n. So: with C ≤ ``AUTO_PILOT`` classes run exact; otherwise run a
-pilot of ``AUTO_PILOT`` ``fisher_is`` probes and continue to the target only when that is predicted to
-take fewer passes than exact's C; else run exact (the result then records the pilot's cost).
+relative sd of a pass falls as 1/√n. A standard error needs at least ``AUTO_PILOT`` = 8 probe values to
+be trusted, so with C ≤ ``AUTO_EXACT_MAX_CLASSES`` = 16 classes exact costs at most twice the pilot alone
+and runs directly; otherwise a pilot of ``AUTO_PILOT`` ``fisher_is`` probes runs and continues to the
+target only when that is predicted to take fewer passes than exact's C; else exact runs (the result then
+records the pilot's cost).
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from gmix_curvature.curvature.sampled import (
 )
 from gmix_curvature.errors import GmixError
 
-__all__ = ["GGNMethod", "ggn_trace", "AUTO_PILOT", "DEFAULT_TARGET"]
+__all__ = ["GGNMethod", "ggn_trace", "AUTO_PILOT", "AUTO_EXACT_MAX_CLASSES", "DEFAULT_TARGET"]
 
-AUTO_PILOT = 4
+AUTO_PILOT = 8  # = MIN_PROBES_FOR_TARGET: fewer probe values give no trustworthy standard error
+AUTO_EXACT_MAX_CLASSES = 2 * AUTO_PILOT  # exact costs C passes: at most twice the pilot alone
 DEFAULT_TARGET = 0.01  # the "1 %" of the issue's goals
 
 
@@ -102,33 +105,34 @@ def ggn_trace(
     gmix_curvature.errors.GmixError: unknown method 'lanczos'; valid: auto, exact, hutchinson, fisher_mc, ...
     """
     m = GGNMethod.parse(method)
+    probes = DEFAULT_PROBES if num_probes is None else num_probes
     common = {"bn_mode": bn_mode, "batch_size": batch_size, "progress": progress}
     stochastic = {"generator": generator, "target_rel_stderr": target_rel_stderr, "max_probes": max_probes}
     if m is GGNMethod.EXACT:
         return exact_ggn_trace(model, data, backend=backend, **common)
     if m is GGNMethod.HUTCHINSON:
-        return hutchinson_ggn_trace(model, data, num_probes=num_probes or DEFAULT_PROBES, **stochastic, **common)
+        return hutchinson_ggn_trace(model, data, num_probes=probes, **stochastic, **common)
     if m is not GGNMethod.AUTO:
         fn = {
             GGNMethod.FISHER_MC: fisher_mc_ggn_trace,
             GGNMethod.FISHER_IS: fisher_is_ggn_trace,
             GGNMethod.OUTPUT_HUTCHINSON: output_hutchinson_ggn_trace,
         }[m]
-        return fn(model, data, num_probes=num_probes or DEFAULT_PROBES, backend=backend, **stochastic, **common)
+        return fn(model, data, num_probes=probes, backend=backend, **stochastic, **common)
     # auto
     start = time.perf_counter()
     target = target_rel_stderr or DEFAULT_TARGET
     if bn_mode == "train" and has_batchnorm(model):
         r = hutchinson_ggn_trace(
-            model, data, num_probes=num_probes or DEFAULT_PROBES, generator=generator, target_rel_stderr=target,
+            model, data, num_probes=probes, generator=generator, target_rel_stderr=target,
             max_probes=max_probes, **common,
         )
         r.extra["auto"] = "bn_mode='train' couples the samples: parameter-space Hutchinson"
         return r
     num_classes = _num_classes(model, data, bn_mode, batch_size)
-    if num_classes <= AUTO_PILOT:
+    if num_classes <= AUTO_EXACT_MAX_CLASSES:
         r = exact_ggn_trace(model, data, backend=backend, **common)
-        r.extra["auto"] = f"C = {num_classes} <= pilot {AUTO_PILOT}: exact"
+        r.extra["auto"] = f"C = {num_classes} <= {AUTO_EXACT_MAX_CLASSES}: exact"
         return r
     try:
         r = run_per_sample(

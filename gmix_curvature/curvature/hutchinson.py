@@ -12,13 +12,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp, vjp
+from torch.func import functional_call, jvp, vjp, vmap
 
 from gmix_curvature.curvature._param_space import check_logits, run_param_space
 from gmix_curvature.curvature._result import CurvatureResult
 from gmix_curvature.curvature._softmax import ggn_quadratic_form, softmax_stats
 
 __all__ = ["hutchinson_ggn_trace", "ggn_vector_product"]
+
+_PROBE_CHUNK = 8  # probes per vmapped Jacobian-vector product
 
 
 def _h_times(a: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -76,43 +78,42 @@ def hutchinson_ggn_trace(
     >>> abs(r.value - exact_ggn_trace(net, (x, y)).value) < 4 * r.stderr
     True
     """
-    buffers = dict(model.named_buffers())
-    names: list[str] = []
+    buffers: dict[str, torch.Tensor] = {}
 
     def batch_fn(params: dict, x: torch.Tensor, y: torch.Tensor, probes: list) -> tuple:
-        if not names:
-            names.extend(params)
+        buffers.clear()
+        buffers.update(dict(model.named_buffers()))  # inside bn_mode_context: running stats may be set aside
+        names = list(params)
         detached = {k: p.detach() for k, p in params.items()}
 
         def f(p: dict) -> torch.Tensor:
             return functional_call(model, (p, buffers), (x,))
 
+        def one(v: dict) -> tuple[torch.Tensor, torch.Tensor]:
+            return jvp(f, (detached,), (v,))
+
         totals = torch.zeros(len(probes), dtype=torch.float64)
         blocks = torch.zeros(len(probes), len(names), dtype=torch.float64)
-        pullback = None
-        for j, v in enumerate(probes):
-            logits, jv = jvp(f, (detached,), (v,))
-            if j == 0:
-                check_logits(logits, y)
+        pullback = vjp(f, detached)[1] if per_param else None
+        for lo in range(0, len(probes), _PROBE_CHUNK):  # probes batched with vmap, a chunk at a time
+            chunk = probes[lo : lo + _PROBE_CHUNK]
+            stacked = {k: torch.stack([v[k] for v in chunk]) for k in names}
+            logits, jv = vmap(one, randomness="same")(stacked)
+            if lo == 0:
+                check_logits(logits[0], y)
             if per_param:
-                if pullback is None:
-                    _, pullback = vjp(f, detached)
-                gv = pullback(_h_times(jv, logits))[0]
+                hjv = torch.stack([_h_times(jv[j], logits[j]) for j in range(len(chunk))])
+                gv = vmap(pullback)(hjv)[0]
                 for col, k in enumerate(names):
-                    blocks[j, col] = (v[k] * gv[k]).sum(dtype=torch.float64)
-                totals[j] = blocks[j].sum()
+                    blocks[lo : lo + len(chunk), col] = (stacked[k] * gv[k]).flatten(1).sum(1, dtype=torch.float64)
+                totals[lo : lo + len(chunk)] = blocks[lo : lo + len(chunk)].sum(1)
             else:
-                totals[j] = ggn_quadratic_form(jv, softmax_stats(logits)).sum(dtype=torch.float64)
+                for j in range(len(chunk)):
+                    totals[lo + j] = ggn_quadratic_form(jv[j], softmax_stats(logits[j])).sum(dtype=torch.float64)
         return totals, blocks
 
-    # bn_mode_context may set BatchNorm buffers aside; read them inside the context
-    def batch_fn_ctx(params: dict, x: torch.Tensor, y: torch.Tensor, probes: list) -> tuple:
-        buffers.clear()
-        buffers.update(dict(model.named_buffers()))
-        return batch_fn(params, x, y, probes)
-
     result = run_param_space(
-        model, data, batch_fn=batch_fn_ctx, method="hutchinson", quantity="ggn_trace", num_probes=num_probes,
+        model, data, batch_fn=batch_fn, method="hutchinson", quantity="ggn_trace", num_probes=num_probes,
         generator=generator, target_rel_stderr=target_rel_stderr, max_probes=max_probes, bn_mode=bn_mode,
         batch_size=batch_size, progress=progress,
     )

@@ -111,7 +111,7 @@ def _train_to_confidence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return _step
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def materialise(case: Case) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """(model in eval mode, x, y), all float64, built from the case's seed (cached: treat as read-only)."""
     g = torch.Generator().manual_seed(case.seed)
