@@ -615,7 +615,8 @@ def check_bound_algebra(q: NoisyQuadratic) -> list[Check]:
     measured = float(traj["grad_norm_sq"].mean())
     printed = theorem1_bound(L=L, delta=delta, sigma_sq=s2, steps=steps, eta=eta_c, mu=muc, kind=kind,
                              batch_size=Bc, kappa=kappa, printed=True)
-    rows.append(Check(4, "stepsize/counterexample", f"(1/T)ΣE‖∇f(θ_t+½)‖² ≤ printed bound at η = {eta_c:g} = half the "
+    rows.append(Check(4, "stepsize/counterexample", "(1/T)ΣE‖∇f(θ_t+½)‖² ≤ printed bound at "
+                      f"η = {eta_c:g} = half the "
                       f"printed limit (Rademacher, B=1, r=2, μ=0, T={steps}; exact)", "paper", printed, measured, None,
                       Verdict.HOLDS if measured <= printed else Verdict.VIOLATED, Verdict.VIOLATED,
                       "Theorem 1 with Eq. 18; THEORY.md §4",
