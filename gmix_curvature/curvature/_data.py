@@ -28,10 +28,11 @@ def world() -> tuple[int, int]:
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks (a no-op in one process); reduced in float64 on the CPU for gloo."""
+    """Sum a tensor over ranks (a no-op in one process); reduced in float64 (on the GPU for nccl)."""
     if world()[1] == 1:
         return t
-    buf = t.detach().to("cpu", torch.float64).clone()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    buf = t.detach().to(device, torch.float64).clone()
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
     return buf.to(t.device, t.dtype)
 
