@@ -1,4 +1,5 @@
-"""Models: a small CNN for the embedded digits, the CIFAR ResNet-18, ResNet-50, and an MLP for tests.
+"""Models: a small CNN for the embedded digits, the CIFAR ResNet-18, ResNet-50, an MLP for tests, and the
+Transformer-base of Section 5.2 (:mod:`gmix_curvature.transformer`).
 
 ``build_model(name, num_classes=..., input_shape=...)`` is the one entry point; ``MODELS`` lists the
 names. ``torchvision:NAME`` builds any torchvision classification model (no weights are downloaded).
@@ -148,11 +149,18 @@ def _resnet50(num_classes: int, input_shape: Sequence[int], **kw) -> nn.Module:
     return torchvision.models.resnet50(weights=None, num_classes=num_classes, **kw)
 
 
+def _transformer(num_classes: int, input_shape: Sequence[int], **kw) -> nn.Module:
+    from gmix_curvature.transformer import build_transformer
+
+    return build_transformer(num_classes, input_shape, **kw)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": _mlp,
     "digits_cnn": _digits_cnn,
     "resnet18": _resnet18,
     "resnet50": _resnet50,
+    "transformer": _transformer,
 }
 
 
@@ -169,7 +177,7 @@ def build_model(
     >>> build_model("lenet", num_classes=10)
     Traceback (most recent call last):
     ...
-    ValueError: unknown model 'lenet'; valid: mlp, digits_cnn, resnet18, resnet50, torchvision:NAME
+    ValueError: unknown model 'lenet'; valid: mlp, digits_cnn, resnet18, resnet50, transformer, torchvision:NAME
     """
     if name.startswith("torchvision:"):
         import torchvision

@@ -520,7 +520,7 @@ def _train(
     local = ctx.local_slice(B)
     n_mixed = cfg.groups if cfg.mixing == "device" else B
     final: dict[str, float] = {}
-    run_loss = run_correct = run_count = 0.0
+    run_loss = run_correct = run_count = run_samples = 0.0
     bar = None
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
@@ -543,7 +543,7 @@ def _train(
             hook_state.scale = float(cfg.groups * pi[ctx.rank])
             weights = torch.full((B,), ctx.world_size / B, dtype=torch.float64)
         loss_scale = ctx.world_size if not use_hook else 1.0
-        loss_sum = mixed_sum = correct_sum = 0.0
+        loss_sum = mixed_sum = correct_sum = count_sum = 0.0
         chunks = positions.split(b)
         for i, chunk in enumerate(chunks):
             x, y = train_ds.get_batch(indices[chunk], aug_gen, train=True)
@@ -558,7 +558,8 @@ def _train(
             loss_sum += float(losses.detach().sum())
             mixed_sum += float(mixed.detach())
             correct_sum += float(correct)
-        loss_sum, mixed_sum, correct_sum = ctx.all_reduce_sum([loss_sum, mixed_sum, correct_sum])
+            count_sum += float(train_ds.count(y)) if hasattr(train_ds, "count") else len(chunk)
+        loss_sum, mixed_sum, correct_sum, count_sum = ctx.all_reduce_sum([loss_sum, mixed_sum, correct_sum, count_sum])
         if use_hook:
             mixed_sum = float("nan")  # the mixing happens in the hook; the per-rank mixed loss is not formed
         mean_loss = loss_sum / B
@@ -575,7 +576,8 @@ def _train(
         scheduler.step()
         run_loss += loss_sum
         run_correct += correct_sum
-        run_count += B
+        run_count += count_sum
+        run_samples += B
         done = step + 1
         record = {
             "kind": "step",
@@ -594,13 +596,13 @@ def _train(
         if done % cfg.eval_every == 0 or done == cfg.steps:
             ev = evaluate(net.module if ctx.enabled else model, eval_ds, device=device, dtype=dtype, ctx=ctx)
             final = {
-                "train_loss": run_loss / run_count,
+                "train_loss": run_loss / run_samples,
                 "train_acc": run_correct / run_count,
                 "test_loss": ev["loss"],
                 "test_acc": ev["acc"],
             }
             recorder.write({"kind": "eval", "step": done, "epoch": done * B / len(train_ds), **final})
-            run_loss = run_correct = run_count = 0.0
+            run_loss = run_correct = run_count = run_samples = 0.0
             if callback is not None:
                 callback(done, final)
         if tracer is not None and ctx.is_main and (done % cfg.trace_every == 0 or done == cfg.steps):

@@ -14,6 +14,16 @@ HELP = "train a model with GradientMix (or the averaging baseline) and save metr
 
 S = argparse.SUPPRESS
 
+
+def _pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers separated by a comma, got {text!r}")
+    try:
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers separated by a comma, got {text!r}") from None
+
 # (flag, TrainConfig field, type, help); every default comes from the preset, then from TrainConfig.
 _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--model", "model", str, "architecture: digits_cnn, resnet18, resnet50, mlp or torchvision:NAME"),
@@ -30,7 +40,17 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--base-batch", "base_batch", int, "the batch size --lr refers to under linear scaling (paper: 200)"),
     ("--momentum", "momentum", float, "momentum μ (SGD, Nesterov, LARS)"),
     ("--weight-decay", "weight_decay", float, "weight decay (not applied to biases and normalisation parameters)"),
-    ("--schedule", "schedule", str, "learning-rate schedule: constant, cosine, poly (Eq. 15)"),
+    ("--schedule", "schedule", str, "learning-rate schedule: constant, cosine, poly (Eq. 15), rsqrt (Transformer)"),
+    ("--lr-init", "lr_init", float, "η_init of Eq. 15 (poly schedule)"),
+    ("--lr-final", "lr_final", float, "η_final of Eq. 15 / the cosine schedule's final rate"),
+    ("--p-warmup", "p_warmup", float, "p_warmup of Eq. 15"),
+    ("--p-decay", "p_decay", float, "p_decay of Eq. 15"),
+    ("--trust-coefficient", "trust_coefficient", float, "LARS/LAMB trust coefficient (paper: 1e-3)"),
+    ("--betas", "betas", _pair, "Adam/LAMB β₁,β₂, e.g. 0.9,0.999"),
+    ("--eps", "eps", float, "Adam/LAMB ε"),
+    ("--bn-gamma0", "bn_gamma0", float, "γ₀, initial scale of the final BatchNorm of each residual block"),
+    ("--bn-momentum", "bn_momentum", float, "BatchNorm momentum in torch's convention (TF's 0.9 is 0.1 here)"),
+    ("--bn-eps", "bn_eps", float, "BatchNorm ε"),
     ("--warmup-epochs", "warmup_epochs", float, "warmup length in epochs"),
     ("--warmup-steps", "warmup_steps", int, "warmup length in optimizer steps (instead of --warmup-epochs)"),
     ("--label-smoothing", "label_smoothing", float, "label smoothing of the cross-entropy"),
