@@ -1,0 +1,53 @@
+"""``gmix table1``: a thin layer over :func:`gmix_curvature.table1.run_table1`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "reproduce Table 1: train SGD with and without GradientMix over seeds, measure Tr(G) and friends, tabulate"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="tiny (embedded digits, minutes on a CPU), paper (ResNet-18, "
+                   "CIFAR-10, batch 8192) or micro (seconds); see --list-presets")
+    p.add_argument("--list-presets", action="store_true", help="list the Table 1 presets and exit")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds per row (default: the preset's)")
+    kappa = p.add_mutually_exclusive_group()
+    kappa.add_argument("--kappa", type=float, default=None,
+                       help="κ of Eq. 12 at the large batch, for both noise kinds (default: the preset's rule)")
+    kappa.add_argument("--kappa-ratio", type=float, default=None, help="r = κ·B instead of --kappa (γ̄ = 1 + r²)")
+    p.add_argument("--out", default=None, help="output directory: runs/, select/, table1.{md,json,csv}, runs.csv, "
+                   "table1.png, trace_vs_loss.png (a rerun continues the runs found there)")
+    p.add_argument("--data-dir", default=None, help="directory holding the CIFAR python files (paper preset)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap every run at N optimizer steps (smoke tests)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the figures")
+    p.add_argument("--progress", action="store_true", help="progress bars for the training runs")
+    p.add_argument("--quiet", action="store_true", help="no per-run log lines on stderr")
+
+
+def run(args: argparse.Namespace) -> int:
+    from gmix_curvature.table1 import TABLE1_PRESETS, run_table1
+
+    if args.list_presets:
+        for name, preset in TABLE1_PRESETS.items():
+            print(f"{name:8s} {preset.description}")
+        return 0
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    result = run_table1(
+        args.preset, seeds=args.seeds, kappa=args.kappa, kappa_ratio=args.kappa_ratio, out=args.out,
+        data_dir=args.data_dir, max_steps=args.max_steps, device=args.device, progress=args.progress,
+        plot=args.plot, log=None if args.quiet else log,
+    )
+    print(result.format_table())
+    if result.selection is not None:
+        print()
+        print(result.selection.format_table())
+    if result.files:
+        print()
+        print("written: " + ", ".join(result.files.values()))
+    return 0
