@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/notebooks"), help="folder for the training runs")
     parser.add_argument("--fast", action="store_true", help="set GMIX_FAST=1 (the small version the tests run)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell")
+    parser.add_argument(
+        "--threads", type=int, help="OMP_NUM_THREADS of the kernels (1 runs the small models faster on a busy machine)"
+    )
     args = parser.parse_args(argv)
 
     import nbformat
@@ -72,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("GMIX_FAST", None)
     if args.fast:
         env["GMIX_FAST"] = "1"
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     failed = []
     for path in paths:
         start = time.perf_counter()

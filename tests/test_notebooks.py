@@ -37,7 +37,9 @@ def test_notebook_runs_fast(path, tmp_path):
     assert asserts, f"{path.name} asserts none of its results"
     # one extra cell, executed last, says which interpreter ran the kernel
     nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
-    env = {**os.environ, "GMIX_FAST": "1", "GMIX_RUNS": str(tmp_path / "runs")}
+    # one thread: the notebooks' small models gain nothing from a second one, and on a busy machine (2 cores
+    # shared) OpenMP's barriers make every small op wait for a descheduled thread (measured 5-10x slower)
+    env = {**os.environ, "GMIX_FAST": "1", "GMIX_RUNS": str(tmp_path / "runs"), "OMP_NUM_THREADS": "1"}
     client = NotebookClient(
         nb, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
