@@ -15,7 +15,8 @@ One call, :func:`run_table1`, runs the whole pipeline of a :class:`Table1Preset`
    scale-invariant sharpness Σ_l ‖θ_l‖² Tr(G_ll); on the training split the training loss and the top
    eigenvalues λ_max of G and of the Hessian, beside the optimizer's stability threshold
    (:func:`stability_threshold`) at the peak and at the final learning rate; along training, Tr(G) at one
-   training loss that every run reached (:func:`matched_loss_trace`);
+   training loss that every run reached (:func:`matched_loss_trace`) and the largest ratio of λ_max(G) to the
+   threshold at that step's learning rate;
 4. **summary** (:func:`summarise`): mean ± std over seeds and Welch's t-test against the baseline for every
    quantity, printed in the paper's layout beside the paper's numbers (:meth:`Table1Result.format_table`),
    written as JSON, CSV and two seaborn figures (:func:`write_table1`).
@@ -360,6 +361,8 @@ TABLE1_METRICS: tuple[_Metric, ...] = (
     _Metric("lr_final", "η final", "{:.3g}", "config", "learning rate of the last optimizer step"),
     _Metric("threshold_peak", "2(1+μ)/η peak", "{:.3g}", "config", "stability threshold at the peak LR"),
     _Metric("threshold_final", "2(1+μ)/η final", "{:.3g}", "config", "stability threshold at the final LR"),
+    _Metric("edge_ratio_max", "max λmax/thr", "{:.3g}", "trace",
+            "largest λ_max(G)/threshold(η_t) along training (eval mode); 1 = edge of stability"),
     _Metric("ggn_trace_matched", "Tr(G) @ L*", "{:.3g}", "trace", "Tr(G) along training at the matched loss L*"),
 )
 _METRIC = {m.key: m for m in TABLE1_METRICS}
@@ -407,7 +410,7 @@ class Table1Row:
             return "—"
         fmt = _METRIC[key].fmt
         text = fmt.format(s["mean"])
-        if math.isfinite(s["std"]) and s["std"] > 0:
+        if math.isfinite(s["std"]) and s["std"] > 1e-9 * abs(s["mean"]):
             text += " ± " + fmt.format(s["std"])
         if p and math.isfinite(s.get("p_value", math.nan)):
             text += f" (p={s['p_value']:.2g})"
@@ -526,17 +529,20 @@ class Table1Result:
             )
         head += [
             "",
-            f"Stability (training split, eval mode): λ_max of G and of the Hessian against the heavy-ball threshold "
-            f"{thr} (μ = {mu:g}) at the peak and at the final learning rate of the schedule.",
+            f"Stability (training split, eval mode): λ_max of G and of the Hessian at the end against the threshold "
+            f"{thr} (μ = {mu:g}; stability_threshold) at the peak and at the final learning rate of the schedule; "
+            "last column: the largest λ_max(G)/threshold(η_t) along training, η_t the rate of that step "
+            "(1 = the edge of stability; BatchNorm in eval mode, so not exactly the sharpness a train-mode step sees).",
             "",
-            f"| Method | train loss | λmax(G) | λmax(H) | η peak | {thr} at η peak | η final | {thr} at η final |",
-            "|---|---|---|---|---|---|---|---|",
+            f"| Method | train loss | λmax(G) | λmax(H) | η peak | {thr} at η peak | η final | {thr} at η final "
+            "| max along training of λmax(G)/threshold(η_t) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             head.append(
                 f"| {r.label} | {r.cell('train_loss', p=True)} | {r.cell('lambda_max_ggn', p=True)} "
                 f"| {r.cell('lambda_max_hessian', p=True)} | {r.cell('lr_peak')} | {r.cell('threshold_peak')} "
-                f"| {r.cell('lr_final')} | {r.cell('threshold_final')} |"
+                f"| {r.cell('lr_final')} | {r.cell('threshold_final')} | {r.cell('edge_ratio_max', p=True)} |"
             )
         return "\n".join(head)
 
@@ -789,6 +795,18 @@ def _read_trace(out: str | None) -> list[dict[str, float]]:
     return recs
 
 
+def _annotate_trace(trace: list[dict[str, float]], config: TrainConfig) -> list[dict[str, float]]:
+    """Add to each along-training record the learning rate of its step (``lr``: the rate of the next optimizer
+    step, the last one's at the end) and ``edge_ratio`` = λ_max(G) / :func:`stability_threshold` at that rate."""
+    lr_fn = schedule_from_config(config, int(config.steps))
+    for rec in trace:
+        step = min(int(rec.get("step", 0)), int(config.steps) - 1)
+        rec["lr"] = float(lr_fn(step))
+        thr = stability_threshold(config.optimizer, rec["lr"], config.momentum)
+        rec["edge_ratio"] = rec.get("top_eigenvalue", math.nan) / thr if thr > 0 else math.nan
+    return trace
+
+
 def _selection_rule() -> str:
     return (
         "per noise kind, the r with the highest mean validation accuracy over the selection seeds; ties to the "
@@ -828,7 +846,7 @@ def select_kappa(
     cells = [("none", 0.0)] + [(nz, r) for nz in noises for r in p.kappa_sweep]
     for noise, r in cells:
         for seed in range(p.select_seeds):
-            run_out = root / f"{noise}-r{r:g}-s{seed}" if root is not None else None
+            run_out = root / f"{noise}-r{r:g}-seed{seed}" if root is not None else None
             cfg = _run_config(
                 p, noise=noise, batch_size=p.batch_size, kappa_ratio=r, seed=seed, out=run_out, num_train=len(fit),
                 max_steps=max_steps, device=device, progress=progress, trace=False, splits=p.select_splits,
@@ -876,7 +894,7 @@ def run_table1(
     start from the same initialisation and data order). ``kappa`` (κ at the large batch) or ``kappa_ratio``
     (r = κ·B) fixes κ for both noise kinds; otherwise a preset with a sweep runs :func:`select_kappa`, and
     one without uses its ``kappa_ratio``. ``max_steps`` caps every run's length (the schedule is compressed
-    to it; for smoke tests). With ``out``, runs go to ``OUT/runs/<method>-s<seed>/`` (checkpoint, config,
+    to it; for smoke tests). With ``out``, runs go to ``OUT/<method>-seed<seed>/`` (checkpoint, config,
     metrics), the sweep to ``OUT/select/``, and the tables, JSON, CSV and figures to ``OUT``
     (:func:`write_table1`); a run whose checkpoint is there continues from it (a finished one is reused).
 
@@ -934,7 +952,7 @@ def run_table1(
         batch = p.small_batch_size if method.small_batch else p.batch_size
         r = ratios.get(method.noise, 0.0)
         for seed in range(n_seeds):
-            run_out = root / "runs" / f"{method.key}-s{seed}" if root is not None else None
+            run_out = root / f"{method.key}-seed{seed}" if root is not None else None
             cfg = _run_config(
                 p, noise=method.noise, batch_size=batch, kappa_ratio=r, seed=seed, out=run_out,
                 num_train=len(train_ds), max_steps=max_steps, device=device, progress=progress, trace=True,
@@ -951,8 +969,10 @@ def run_table1(
                 method=method.key, seed=seed, batch_size=batch, noise=method.noise,
                 kappa_ratio=float(res.config.kappa_ratio), kappa=float(res.config.kappa), steps=int(res.steps),
                 out=str(run_out) if run_out else None,
-                metrics=metrics, trace=_read_trace(str(run_out) if run_out else None),
+                metrics=metrics, trace=_annotate_trace(_read_trace(str(run_out) if run_out else None), res.config),
             )
+            ratios_along = [t["edge_ratio"] for t in rec.trace if math.isfinite(t.get("edge_ratio", math.nan))]
+            rec.metrics["edge_ratio_max"] = max(ratios_along) if ratios_along else math.nan
             runs.append(rec)
             _log(
                 log,
@@ -1088,15 +1108,17 @@ def plot_table1(result: Table1Result, path: str | Path) -> Path:
 
 
 def plot_trace_vs_loss(result: Table1Result, path: str | Path) -> Path:
-    """Tr(G) and the top eigenvalue of G against the training loss along training (the engine's ``trace``
-    records, on a fixed training subset in eval mode), one line per run, one colour per method; the dashed
-    line marks the matched loss L*, the dotted ones the stability threshold 2(1+μ)/η at the peak LR."""
+    """Along training (the engine's ``trace`` records, on a fixed training subset in eval mode), against the
+    training loss: Tr(G), λ_max(G), and λ_max(G) over the stability threshold at the learning rate of that
+    step (1 = the edge of stability). One line per run, one colour per method; the dashed line marks the
+    matched loss L*."""
     import seaborn as sns
+    from matplotlib.ticker import NullFormatter
 
     plt = _pyplot()
     labels = {m.key: m.label for m in TABLE1_METHODS}
     palette = dict(zip([m.key for m in TABLE1_METHODS], sns.color_palette(n_colors=len(TABLE1_METHODS))))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     seen: set[str] = set()
     for r in result.runs:
         recs = [t for t in r.trace if t.get("loss", 0) > 0 and t.get("ggn_trace", 0) > 0]
@@ -1105,18 +1127,11 @@ def plot_trace_vs_loss(result: Table1Result, path: str | Path) -> Path:
         loss = [t["loss"] for t in recs]
         label = labels[r.method] if r.method not in seen else None
         seen.add(r.method)
-        axes[0].plot(loss, [t["ggn_trace"] for t in recs], marker=".", color=palette[r.method], label=label,
-                     alpha=0.8)
-        top = [t.get("top_eigenvalue", math.nan) for t in recs]
-        axes[1].plot(loss, top, marker=".", color=palette[r.method], label=label, alpha=0.8)
-    thresholds = {}
-    for r in result.runs:
-        thresholds.setdefault(r.method, r.metrics.get("threshold_peak", math.nan))
-    for key, thr in thresholds.items():
-        if math.isfinite(thr):
-            axes[1].axhline(thr, color=palette[key], linestyle=":", linewidth=1)
-    from matplotlib.ticker import NullFormatter
-
+        style = {"marker": ".", "color": palette[r.method], "label": label, "alpha": 0.8}
+        axes[0].plot(loss, [t["ggn_trace"] for t in recs], **style)
+        axes[1].plot(loss, [t.get("top_eigenvalue", math.nan) for t in recs], **style)
+        axes[2].plot(loss, [t.get("edge_ratio", math.nan) for t in recs], **style)
+    axes[2].axhline(1.0, color="black", linestyle=":", linewidth=1)
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -1126,7 +1141,8 @@ def plot_trace_vs_loss(result: Table1Result, path: str | Path) -> Path:
         if result.matched_loss is not None:
             ax.axvline(result.matched_loss, color="grey", linestyle="--", linewidth=1)
     axes[0].set(ylabel="Tr(G)", title="Tr(G) along training (dashed: matched loss L*)")
-    axes[1].set(ylabel="λmax(G)", title="top eigenvalue of G (dotted: 2(1+μ)/η at peak LR)")
+    axes[1].set(ylabel="λmax(G)", title="top eigenvalue of G")
+    axes[2].set(ylabel="λmax(G) · η_t / 2(1+μ)", title="λmax(G) over the threshold at the step's LR (1: edge)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)

@@ -178,7 +178,7 @@ def test_micro_pipeline_writes_table_json_csv_and_figures(micro):
     assert [r.method for r in result.rows] == [m.key for m in TABLE1_METHODS]
     assert len(result.runs) == len(TABLE1_METHODS) * preset.seeds
     for r in result.runs:
-        assert (out / "runs" / f"{r.method}-s{r.seed}" / "checkpoint.pt").exists()
+        assert (out / f"{r.method}-seed{r.seed}" / "checkpoint.pt").exists()
         assert len(r.trace) >= 2 and all("ggn_trace" in t and "loss" in t for t in r.trace)
         assert r.batch_size == (preset.small_batch_size if r.method == "small_batch" else preset.batch_size)
         assert r.metrics["abs_log_ggn_trace"] == pytest.approx(abs(math.log(r.metrics["ggn_trace"])), rel=1e-15)
@@ -210,7 +210,7 @@ def test_micro_pipeline_columns_of_issue_10(micro):
     result, _ = micro
     for r in result.runs:
         m = r.metrics
-        cfg = json.loads((result.out / "runs" / f"{r.method}-s{r.seed}" / "config.json").read_text())
+        cfg = json.loads((result.out / f"{r.method}-seed{r.seed}" / "config.json").read_text())
         assert m["threshold_peak"] == pytest.approx(2 * (1 + cfg["momentum"]) / m["lr_peak"], rel=1e-15)
         assert m["lr_peak"] == pytest.approx(cfg["lr"] * r.batch_size / cfg["base_batch"], rel=1e-15)
         assert m["threshold_final"] >= m["threshold_peak"]
@@ -238,9 +238,9 @@ def test_rerun_in_the_same_directory_reuses_the_finished_runs(micro, tmp_path):
     first, out = micro
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    stamp = {p: p.stat().st_mtime_ns for p in copy.glob("*/*/checkpoint.pt")}
+    stamp = {p: p.stat().st_mtime_ns for p in copy.rglob("checkpoint.pt")}
     again = run_table1("micro", out=copy, seeds=1, plot=False)
-    assert {p: p.stat().st_mtime_ns for p in copy.glob("*/*/checkpoint.pt")} == stamp  # nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("checkpoint.pt")} == stamp  # nothing retrained
     mine = {(r.method, r.seed): r for r in first.runs}
     assert [r.seed for r in again.runs] == [0] * len(TABLE1_METHODS)
     for r in again.runs:
@@ -259,7 +259,7 @@ def test_paper_preset_first_steps_on_a_tiny_cifar_directory(tmp_path):
     )
     result = run_table1(small, data_dir=str(root), max_steps=2, out=tmp_path / "out", plot=False)
     assert [(r.method, r.steps) for r in result.runs] == [("baseline", 2), ("gaussian", 2)]
-    cfg = json.loads((tmp_path / "out" / "runs" / "baseline-s0" / "config.json").read_text())
+    cfg = json.loads((tmp_path / "out" / "baseline-seed0" / "config.json").read_text())
     assert (cfg["model"], cfg["data"], cfg["optimizer"], cfg["schedule"], cfg["lr_scaling"]) == (
         "resnet18", "cifar10", "sgd", "poly", "linear")
     assert result.kappa_ratios["gaussian"] == paper.kappa_ratio and result.runs[1].kappa == paper.kappa_ratio / 8

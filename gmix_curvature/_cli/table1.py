@@ -17,8 +17,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     kappa.add_argument("--kappa", type=float, default=None,
                        help="κ of Eq. 12 at the large batch, for both noise kinds (default: the preset's rule)")
     kappa.add_argument("--kappa-ratio", type=float, default=None, help="r = κ·B instead of --kappa (γ̄ = 1 + r²)")
-    p.add_argument("--out", default=None, help="output directory: runs/, select/, table1.{md,json,csv}, runs.csv, "
-                   "table1.png, trace_vs_loss.png (a rerun continues the runs found there)")
+    p.add_argument("--out", default=None, help="output directory: METHOD-seedN/ (one run each), select/, "
+                   "table1.{md,json,csv}, runs.csv and the figures (a rerun continues the runs found there)")
     p.add_argument("--data-dir", default=None, help="directory holding the CIFAR python files (paper preset)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every run at N optimizer steps (smoke tests)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
