@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -118,8 +119,11 @@ def test_torchrun_two_gloo_ranks_give_the_single_process_result(digits_checkpoin
     single = subprocess.run([sys.executable, "-m", "gmix_curvature", "trace", *common, "--json",
                              str(tmp_path / "one.json")], capture_output=True, text=True, timeout=300, env=env)
     assert single.returncode == 0, single.stderr
+    with socket.socket() as sock:  # a free port: other test runs may hold the default one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                            "29517", "-m", "gmix_curvature", "trace", *common, "--json", str(tmp_path / "two.json")],
+                            port, "-m", "gmix_curvature", "trace", *common, "--json", str(tmp_path / "two.json")],
                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert multi.returncode == 0, multi.stderr[-2000:]
     one = json.loads((tmp_path / "one.json").read_text())["results"][0]
