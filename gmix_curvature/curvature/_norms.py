@@ -30,6 +30,9 @@ __all__ = ["PerSampleNorms", "BACKENDS", "supports_hooks"]
 
 BACKENDS = ("auto", "hooks", "func")
 _UNFOLD_BUDGET = 2**25  # elements of an unfolded input chunk
+# Unfolded conv inputs kept between the backward passes of one forward pass (exact's C classes, the
+# probes of a stochastic method) up to this many elements; beyond it they are recomputed each pass.
+CACHE_BUDGET = 2**27
 
 
 def _hookable(m: nn.Module) -> bool:
@@ -81,7 +84,9 @@ def conv_rule(m: nn.Conv2d, n: int, spatial_out: int) -> str:
     return "ghost" if ghost < mat else "materialise"
 
 
-def _conv_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str | None) -> dict[str, torch.Tensor]:
+def _conv_norms(
+    m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str | None, cache: dict | None = None
+) -> dict[str, torch.Tensor]:
     n, groups = a.shape[0], m.groups
     g = g.reshape(n, groups, m.out_channels // groups, -1)  # (n, G, cout, L)
     spatial = g.shape[-1]
@@ -90,13 +95,21 @@ def _conv_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str | None
     chunk = max(1, _UNFOLD_BUDGET // max(per_sample, 1))
     parts = []
     for s in range(0, n, chunk):
-        u = F.unfold(a[s : s + chunk], m.kernel_size, m.dilation, m.padding, m.stride)
-        u = u.reshape(u.shape[0], groups, -1, spatial)  # (c, G, cin·k, L)
+        key = (id(m), s)
+        if cache is not None and key in cache:
+            u = cache[key]  # the unfolded input (or its Gram matrix) of this forward pass, shared by all v
+        else:
+            u = F.unfold(a[s : s + chunk], m.kernel_size, m.dilation, m.padding, m.stride)
+            u = u.reshape(u.shape[0], groups, -1, spatial)  # (c, G, cin·k, L)
+            if rule == "ghost":
+                u = torch.einsum("ngil,ngim->nglm", u, u)
+            if cache is not None and cache.get("_free", 0) >= u.numel():
+                cache[key] = u
+                cache["_free"] -= u.numel()
         gc = g[s : s + chunk]
         if rule == "ghost":
-            uu = torch.einsum("ngil,ngim->nglm", u, u)
             gg = torch.einsum("ngol,ngom->nglm", gc, gc)
-            parts.append((uu * gg).sum((1, 2, 3)))
+            parts.append((u * gg).sum((1, 2, 3)))
         else:
             parts.append(torch.einsum("ngil,ngol->ngio", u, gc).square().sum((1, 2, 3)))
     out = {"weight": torch.cat(parts)}
@@ -158,6 +171,7 @@ class PerSampleNorms:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the model on a batch and keep what the backward passes need; returns the logits."""
         self._records = []
+        self._cache: dict = {"_free": CACHE_BUDGET}
         if self.backend == "func":
             self._x = x
             with torch.no_grad():
@@ -198,7 +212,7 @@ class PerSampleNorms:
                 if isinstance(module, nn.Linear):
                     rules = _linear_norms(module, a, grad)
                 elif isinstance(module, nn.Conv2d):
-                    rules = _conv_norms(module, a, grad, self.conv_rule)
+                    rules = _conv_norms(module, a, grad, self.conv_rule, self._cache)
                 else:
                     rules = _bn_norms(module, a, grad)
             for key, val in rules.items():
