@@ -20,9 +20,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def notebook_paths(names: list[str]) -> list[Path]:
-    """The notebooks to run: all of ``notebooks/*.ipynb``, or those named (with or without ``.ipynb``)."""
-    available = {p.stem: p for p in sorted(HERE.glob("*.ipynb"))}
+def notebook_paths(names: list[str], folder: Path = HERE) -> list[Path]:
+    """The notebooks to run: all of ``folder/*.ipynb``, or those named (with or without ``.ipynb``)."""
+    available = {p.stem: p for p in sorted(folder.glob("*.ipynb"))}
     if not names:
         return list(available.values())
     unknown = [n for n in names if n.removesuffix(".ipynb") not in available]
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=Path("runs/notebooks"), help="folder for the training runs")
     parser.add_argument("--fast", action="store_true", help="set GMIX_FAST=1 (the small version the tests run)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell")
+    parser.add_argument("--notebooks", type=Path, default=HERE, help="folder holding the notebooks (default: this one)")
     parser.add_argument(
         "--threads", type=int, help="OMP_NUM_THREADS of the kernels (1 runs the small models faster on a busy machine)"
     )
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import nbformat
 
-    paths = notebook_paths(args.names)
+    paths = notebook_paths(args.names, args.notebooks)
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "GMIX_RUNS": str(args.runs.resolve())}
     env.pop("GMIX_FAST", None)
@@ -80,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for path in paths:
         start = time.perf_counter()
-        nb, error = execute(path, env=env, timeout=args.timeout, cwd=HERE)
+        nb, error = execute(path, env=env, timeout=args.timeout, cwd=path.parent)
         nbformat.write(nb, args.out / path.name)
         to_html(nb, args.out / f"{path.stem}.html")
         status = "ok" if error is None else f"FAILED ({type(error).__name__})"
         print(f"{path.stem}: {status} in {time.perf_counter() - start:.0f} s -> {args.out / (path.stem + '.html')}")
         if error is not None:
-            print(str(error).strip().splitlines()[-1], file=sys.stderr)
+            print(f"{path.stem}: {error.ename}: {error.evalue}", file=sys.stderr)
             failed.append(path.stem)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -48,3 +48,32 @@ def test_notebook_runs_fast(path, tmp_path):
     assert not errors
     last = "".join(o.get("text", "") for o in nb.cells[-1].outputs).strip()
     assert last == sys.executable
+
+
+def _run_py():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("notebooks_run", NOTEBOOK_DIR / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_py_writes_html_and_reports_a_failing_notebook(tmp_path, capsys):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    for name, source in [("good", "x = 6 * 7\nassert x == 42\nprint('answer', x)"), ("bad", "assert 1 == 2, 'boom'")]:
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)]), folder / f"{name}.ipynb")
+    out = tmp_path / "html"
+    code = _run_py().main(["--out", str(out), "--notebooks", str(folder), "--runs", str(tmp_path / "runs")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "bad: AssertionError: boom" in err and "failed: bad" in err
+    assert "answer 42" in (out / "good.html").read_text()
+    assert "AssertionError" in (out / "bad.html").read_text()  # written, with the error in place
+    assert nbformat.read(out / "good.ipynb", as_version=4).cells[0].outputs
+
+
+def test_run_py_rejects_an_unknown_notebook(tmp_path):
+    with pytest.raises(SystemExit, match="unknown notebook nope; available: .*trace_estimators"):
+        _run_py().main(["--out", str(tmp_path), "nope"])
