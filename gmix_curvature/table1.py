@@ -1132,6 +1132,7 @@ def plot_trace_vs_loss(result: Table1Result, path: str | Path) -> Path:
         axes[1].plot(loss, [t.get("top_eigenvalue", math.nan) for t in recs], **style)
         axes[2].plot(loss, [t.get("edge_ratio", math.nan) for t in recs], **style)
     axes[2].axhline(1.0, color="black", linestyle=":", linewidth=1)
+    axes[2].set_ylim(bottom=1e-2)  # below 1 % of the threshold (warmup start, end of the decay): not informative
     for ax in axes:
         ax.set_xscale("log")
         ax.set_yscale("log")
