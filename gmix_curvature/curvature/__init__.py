@@ -15,6 +15,7 @@ from gmix_curvature.curvature.ggn import GGNMethod, ggn_trace
 from gmix_curvature.curvature.hessian import hessian_trace, hessian_vector_product
 from gmix_curvature.curvature.hutchinson import ggn_vector_product, hutchinson_ggn_trace
 from gmix_curvature.curvature.reference import dense_ggn, dense_hessian
+from gmix_curvature.curvature.report import TraceReport, trace_checkpoint
 from gmix_curvature.curvature.sampled import fisher_is_ggn_trace, fisher_mc_ggn_trace, output_hutchinson_ggn_trace
 from gmix_curvature.curvature.sharpness import scale_invariant_groups, scale_invariant_sharpness
 from gmix_curvature.curvature.snapshot import curvature_snapshot
@@ -35,6 +36,8 @@ __all__ = [
     "scale_invariant_sharpness",
     "scale_invariant_groups",
     "curvature_snapshot",
+    "trace_checkpoint",
+    "TraceReport",
     # products and references
     "ggn_vector_product",
     "hessian_vector_product",
