@@ -581,7 +581,7 @@ def measure_run(
     >>> ds = load_dataset("digits", "test").subset(32)
     >>> net = build_model("digits_cnn", num_classes=10, input_shape=(1, 8, 8), width=4).eval()
     >>> cfg = resolve_config(TrainConfig(steps=10, batch_size=64), 100)
-    >>> m = measure_run(net, cfg, measure_data=ds, train_data=ds, eigen_data=ds, hessian_probes=2)
+    >>> m = measure_run(net, cfg, measure_data=ds, train_data=ds, eigen_data=ds, hessian_probes=2, eigen=False)
     >>> round(m["threshold_peak"], 12), abs(m["abs_log_ggn_trace"] - abs(math.log(m["ggn_trace"]))) < 1e-12
     (38.0, True)
     """
@@ -898,10 +898,10 @@ def run_table1(
     metrics), the sweep to ``OUT/select/``, and the tables, JSON, CSV and figures to ``OUT``
     (:func:`write_table1`); a run whose checkpoint is there continues from it (a finished one is reused).
 
-    >>> quick = dataclasses.replace(table1_preset("micro"), methods=("baseline", "gaussian"), trace_points=0)
+    >>> quick = dataclasses.replace(table1_preset("micro"), methods=("baseline", "gaussian"), trace_points=0, seeds=1)
     >>> res = run_table1(quick, kappa_ratio=1.0)
-    >>> [r.method for r in res.rows], res.row("gaussian").kappa_ratio, res.row("gaussian").n
-    (['baseline', 'gaussian'], 1.0, 2)
+    >>> [r.method for r in res.rows], res.row("gaussian").kappa_ratio, res.runs[1].kappa  # κ = r / B, B = 64
+    (['baseline', 'gaussian'], 1.0, 0.015625)
     """
     start = time.perf_counter()
     p = table1_preset(preset)
