@@ -13,6 +13,7 @@ import importlib
 import os
 import pkgutil
 import sys
+import warnings
 from collections.abc import Sequence
 
 from gmix_curvature import __version__
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gmix``; returns the exit code (0 success, 2 bad input, 3 a diverged run)."""
+    # torch's forward-mode AD and linear_operator still use torch.jit.script; the deprecation is theirs
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
