@@ -107,7 +107,7 @@ class TrainConfig:
     progress: bool = True
     # curvature along training (Issue 10); 0 = off
     trace_every: int = 0
-    trace_method: str = "exact"
+    trace_method: str = "auto"
     trace_samples: int = 256
 
     @classmethod

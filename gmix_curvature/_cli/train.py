@@ -64,7 +64,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--dtype", "dtype", str, "float32 or float64"),
     ("--device", "device", str, "auto, cpu or cuda"),
     ("--trace-every", "trace_every", int, "record Tr(G), empirical-Fisher trace and λ_max every N steps (0: off)"),
-    ("--trace-method", "trace_method", str, "Tr(G) method for --trace-every (see gmix trace)"),
+    ("--trace-method", "trace_method", str, "Tr(G) method for --trace-every (default auto: exact up to 16 classes)"),
     ("--trace-samples", "trace_samples", int, "size of the fixed training subset for --trace-every"),
 ]
 
