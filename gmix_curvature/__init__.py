@@ -58,7 +58,7 @@ from gmix_curvature.theory import (
     theorem1_step_limit,
 )
 from gmix_curvature.theory_checks import run_theory_checks
-from gmix_curvature.train import TrainConfig, TrainResult, train
+from gmix_curvature.train import TrainConfig, TrainResult
 
 __all__ = [
     "__version__",
@@ -76,10 +76,9 @@ __all__ = [
     "expand_group_weights",
     "per_sample_gradients_loop",
     "mixing_comm_hook",
-    # training
+    # training (the function is gmix_curvature.train.train: the module keeps its name)
     "TrainConfig",
     "TrainResult",
-    "train",
     # optimizers and schedules
     "build_optimizer",
     "build_schedule",

@@ -6,25 +6,10 @@ scaled — Section 5.1's LAMB rate — i.e. 0.164 at 32K), the weight decay (0.0
 update as in You et al. 2019), p_warmup = 1, p_decay = 2, η_final = 0 and label smoothing 0.1.
 """
 
+from gmix_curvature.presets.table2_adam import PRESET as _ADAM
+
 DESCRIPTION = "Table 2 LAMB: ResNet-50/ImageNet, batch 32K, 90 epochs (20 warmup), β=(0.9, 0.999), ε=1e-6"
 
-PRESET = {
-    "model": "resnet50",
-    "data": "imagenet",
-    "eval_split": "val",
-    "optimizer": "lamb",
-    "betas": (0.9, 0.999),
-    "eps": 1e-6,
-    "batch_size": 32768,
-    "epochs": 90,
-    "schedule": "poly",
-    "warmup_epochs": 20,
-    "p_warmup": 1.0,
-    "p_decay": 2.0,
-    "lr": 1e-3,
-    "lr_scaling": "linear",
-    "base_batch": 200,
-    "lr_final": 0.0,
-    "weight_decay": 0.01,
-    "label_smoothing": 0.1,
-}
+
+# The same standard settings as the Adam column; LAMB's own optimizer and weight decay.
+PRESET = {**_ADAM, "optimizer": "lamb", "weight_decay": 0.01}
