@@ -12,14 +12,12 @@ import pytest
 import torch
 from large_data import write_cifar, write_imagefolder, write_multi30k
 
-from gmix_curvature import models
 from gmix_curvature.data import load_dataset
 from gmix_curvature.data_large import load_imagenet, load_multi30k
 from gmix_curvature.optim import LARS, final_bn_layers, peak_lr, polynomial_lr
 from gmix_curvature.presets import get_preset, preset_names
 from gmix_curvature.sweep import grid_cells, preset_grid
 from gmix_curvature.train import TrainConfig, train
-from gmix_curvature.transformer import build_transformer
 
 PAPER_PRESETS = [n for n in preset_names() if n.startswith(("table", "fig"))]
 NARROW = {  # same architecture, narrower: the test's time goes to convolutions and 44M-parameter Adam states
@@ -101,7 +99,6 @@ def _datasets(data: str, root):
 
 @pytest.mark.parametrize("name", PAPER_PRESETS)
 def test_preset_takes_two_steps(name, tiny_data, monkeypatch):
-    monkeypatch.setitem(models.MODELS, "transformer", build_transformer)  # until models.py registers it
     preset = get_preset(name)
     # no out directory: the test is about the preset, not about checkpoints
     config = TrainConfig.from_dict({**preset, **TINY, "model_kwargs": NARROW[preset["model"]]})
