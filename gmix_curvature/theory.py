@@ -39,6 +39,7 @@ __all__ = [
     "eq18_second_moment",
     "mixed_noise_trace",
     "expected_mixed_gradient_norm",
+    "mixed_gradient_norm_variance",
     # Theorem 1 / Appendix B
     "theorem1_step_limit",
     "theorem1_bound",
@@ -49,6 +50,8 @@ __all__ = [
     # critical batch size
     "critical_batch_steps",
     "fit_critical_batch",
+    "critical_batch_fit",
+    "CriticalBatchFit",
     "mixed_noise_scale",
     "NoiseScaleResult",
     "per_sample_gradients",
@@ -206,6 +209,36 @@ def expected_mixed_gradient_norm(
     if kind is NoiseKind.DIRICHLET:
         return m2 + kappa**2 * num_samples / (num_samples - 1) * (tr - num_samples * m2)
     return m2 + kappa**2 * tr
+
+
+def mixed_gradient_norm_variance(kind: str | NoiseKind, gram: torch.Tensor | np.ndarray, kappa: float) -> float:
+    """Var‖A z̃‖² of the full-data mixed gradient of Eq. 7, z̃ = z + κε with z = 1/n (Eq. 9-10, Eq. 12).
+
+    ``gram`` is K = AAᵀ (n × n, K_ij = ⟨∇ℓ_i, ∇ℓ_j⟩), so ‖Az̃‖² = z̃ᵀKz̃. With m = Kz (the per-sample
+    inner products with the full gradient, ⟨∇ℓ_i, ∇f⟩): for Gaussian ε, 4κ²‖m‖² + 2κ⁴‖K‖²_F; for Rademacher
+    ε, 4κ²‖m‖² + 2κ⁴(‖K‖²_F − Σ_i K_ii²) (ε_i² = 1 takes the diagonal's variance away); 0 for ``none``.
+    The standard error of a mean over D draws is √(Var/D), which says beforehand whether a term of
+    :func:`expected_mixed_gradient_norm` can be resolved by D draws. Dirichlet weights are not covered.
+
+    >>> round(mixed_gradient_norm_variance("gaussian", torch.eye(2), 0.5), 12)  # 4·¼·½ + 2·(1/16)·2
+    0.75
+    >>> round(mixed_gradient_norm_variance("rademacher", torch.eye(2), 0.5), 12)
+    0.5
+    """
+    k = torch.as_tensor(gram, dtype=torch.float64)
+    if k.ndim != 2 or k.shape[0] != k.shape[1] or k.shape[0] < 1:
+        raise ValueError(f"gram must be a square n x n matrix, got shape {tuple(k.shape)}")
+    n = k.shape[0]
+    kind = _parse(kind, n, kappa)
+    if kind is NoiseKind.DIRICHLET:
+        raise ValueError("mixed_gradient_norm_variance covers gaussian, rademacher and none weights, not dirichlet")
+    if kind is NoiseKind.NONE or kappa == 0.0:
+        return 0.0
+    m = k.sum(1) / n
+    quad = float(k.square().sum())
+    if kind is NoiseKind.RADEMACHER:
+        quad -= float(k.diagonal().square().sum())
+    return 4 * kappa**2 * float(m @ m) + 2 * kappa**4 * quad
 
 
 # ---------------------------------------------------------------------------------- Theorem 1, App. B
@@ -480,25 +513,69 @@ def critical_batch_steps(batch_size: float | np.ndarray, s_min: float, b_noise: 
     return float(out) if out.ndim == 0 else out
 
 
-def fit_critical_batch(batch_sizes: Sequence[float], steps: Sequence[float]) -> tuple[float, float]:
-    """Fit S(B) = S_min(1 + B_noise/B) to measured steps: weighted least squares of S on 1/B with weights 1/S².
+@dataclass(frozen=True)
+class CriticalBatchFit:
+    """S(B) = S_min(1 + B_noise/B) fitted to (B, S) pairs (:func:`critical_batch_fit`), with standard errors.
 
-    S is linear in 1/B (intercept S_min, slope S_min·B_noise); the weights fit relative errors. Returns
-    (S_min, B_noise).
+    ``s_min_se``/``b_noise_se`` come from the covariance of the weighted least-squares fit, σ̂²(XᵀX)⁻¹ with
+    σ̂² = RSS/(n − 2) the variance of the relative residuals (the delta method for B_noise = slope/S_min);
+    on exact steps they measure how far the data are from the form, not sampling noise. NaN with two points.
+    ``rms_rel_residual`` is √(RSS/n), the typical relative misfit.
+    """
+
+    s_min: float
+    b_noise: float
+    s_min_se: float
+    b_noise_se: float
+    rms_rel_residual: float
+    num_points: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def critical_batch_fit(batch_sizes: Sequence[float], steps: Sequence[float]) -> CriticalBatchFit:
+    """Fit S(B) = S_min(1 + B_noise/B) (McCandlish et al. 2018, Eq. 2.11) by weighted least squares of S on
+    1/B with weights 1/S², and give the fit's standard errors (:class:`CriticalBatchFit`).
+
+    S is linear in 1/B (intercept S_min, slope S_min·B_noise); the weights fit relative errors.
+
+    >>> bs = [1, 4, 16, 64]
+    >>> fit = critical_batch_fit(bs, [critical_batch_steps(b, 50.0, 8.0) for b in bs])
+    >>> round(fit.s_min, 6), round(fit.b_noise, 6), fit.b_noise_se < 1e-9
+    (50.0, 8.0, True)
+    """
+    b = np.asarray(batch_sizes, dtype=float)
+    s = np.asarray(steps, dtype=float)
+    if b.shape != s.shape or b.ndim != 1 or b.size < 2 or not (
+        np.isfinite(s).all() and (s > 0).all() and np.isfinite(b).all() and (b > 0).all()
+    ):
+        raise ValueError("fit_critical_batch needs >= 2 finite positive (batch size, steps) pairs of one length")
+    X = np.stack([np.ones_like(b), 1 / b], 1) / s[:, None]
+    y = np.ones_like(s)
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    s_min, slope = float(coef[0]), float(coef[1])
+    resid = y - X @ coef
+    rss = float(resid @ resid)
+    se_s = se_b = math.nan
+    if b.size > 2:
+        cov = rss / (b.size - 2) * np.linalg.pinv(X.T @ X)
+        grad = np.array([-slope / s_min**2, 1 / s_min])  # d(slope/S_min)/d(S_min, slope)
+        se_s, se_b = math.sqrt(max(cov[0, 0], 0.0)), math.sqrt(max(float(grad @ cov @ grad), 0.0))
+    return CriticalBatchFit(s_min, slope / s_min, se_s, se_b, math.sqrt(rss / b.size), int(b.size))
+
+
+def fit_critical_batch(batch_sizes: Sequence[float], steps: Sequence[float]) -> tuple[float, float]:
+    """(S_min, B_noise) of :func:`critical_batch_fit`: S(B) = S_min(1 + B_noise/B) by weighted least squares of S
+    on 1/B with weights 1/S².
 
     >>> bs = [1, 4, 16, 64]
     >>> s_min, b_noise = fit_critical_batch(bs, [critical_batch_steps(b, 50.0, 8.0) for b in bs])
     >>> round(s_min, 6), round(b_noise, 6)
     (50.0, 8.0)
     """
-    b = np.asarray(batch_sizes, dtype=float)
-    s = np.asarray(steps, dtype=float)
-    if b.shape != s.shape or b.size < 2 or not (np.isfinite(s).all() and (s > 0).all() and (b > 0).all()):
-        raise ValueError("fit_critical_batch needs >= 2 finite positive (batch size, steps) pairs of one length")
-    X = np.stack([np.ones_like(b), 1 / b], 1) / s[:, None]
-    coef, *_ = np.linalg.lstsq(X, np.ones_like(s), rcond=None)
-    s_min, slope = float(coef[0]), float(coef[1])
-    return s_min, slope / s_min
+    fit = critical_batch_fit(batch_sizes, steps)
+    return fit.s_min, fit.b_noise
 
 
 def mixed_noise_scale(b_simple: float, kind: str | NoiseKind, ratio: float) -> float:

@@ -38,12 +38,13 @@ from torch import nn
 from gmix_curvature.noise import NoiseKind, expected_gamma, kappa_from_ratio
 from gmix_curvature.theory import (
     NoisyQuadratic,
+    critical_batch_fit,
     eq18_second_moment,
     expected_mixed_gradient_norm,
     expected_weight_sum_sq,
     expected_zeta,
-    fit_critical_batch,
     gamma_variance,
+    mixed_gradient_norm_variance,
     mixed_noise_scale,
     mixed_noise_trace,
     per_sample_gradients,
@@ -57,6 +58,7 @@ from gmix_curvature.theory import (
 
 __all__ = [
     "Z_SCORE",
+    "RESOLVE_SE",
     "EXACT_RTOL",
     "EXPONENT_TOL",
     "Verdict",
@@ -74,6 +76,9 @@ __all__ = [
 
 Z_SCORE = 4.0
 """A measurement agrees with a closed form when they differ by at most this many standard errors."""
+RESOLVE_SE = 2 * Z_SCORE
+"""A slip of the paper is expected to show when its predicted size is at least this many standard errors: the
+measurement then lands more than ``Z_SCORE`` standard errors from the printed value but for a ≥ 4σ fluctuation."""
 EXACT_RTOL = 1e-9
 """Relative tolerance for deterministic (float64) comparisons."""
 EXPONENT_TOL = 0.05
@@ -136,12 +141,26 @@ def _agree(expected: float, measured: float, se: float, *, item: int, name: str,
 
 def _resolvable(row: Check, gap: float, se: float) -> Check:
     """A slip of size ``gap`` is expected to show only when it is well beyond the noise: expect a disagreement
-    beyond 2·Z_SCORE standard errors, agreement below Z_SCORE/2, and accept either in between."""
+    beyond ``RESOLVE_SE`` standard errors, agreement below Z_SCORE/2, and accept either in between."""
     if abs(gap) <= 0.5 * Z_SCORE * se:
         row.expect = Verdict.AGREES
-    elif abs(gap) <= 2 * Z_SCORE * se:
+    elif abs(gap) <= RESOLVE_SE * se:
         row.expect = row.verdict
     row.detail["gap"], row.detail["se"] = gap, se
+    return row
+
+
+def _slip_or_info(row: Check, gap: float, se: float) -> Check:
+    """A slip whose size ``gap`` and standard error ``se`` are known from closed forms before measuring: expect
+    the row's disagreement when |gap| ≥ ``RESOLVE_SE``·se, otherwise make it an ``info`` row (the draws
+    cannot resolve the slip) that reports the predicted gap and what the verdict would have been."""
+    row.detail.update({"gap": gap, "se": se, "gap_in_se": abs(gap) / se if se > 0 else math.inf,
+                       "resolvable": abs(gap) >= RESOLVE_SE * se})
+    if not row.detail["resolvable"]:
+        row.detail["verdict_if_checked"] = row.verdict.value
+        row.verdict = row.expect = Verdict.INFO
+        row.statement += (f" — not resolvable here: predicted gap {gap:.3g} = {abs(gap) / se:.2g} SE "
+                          f"< {RESOLVE_SE:g} SE, reported only")
     return row
 
 
@@ -512,13 +531,17 @@ def check_trace_link(p: Preset, model: nn.Module, data: tuple[torch.Tensor, torc
         se = float(q.std()) / math.sqrt(p.trace_draws)
         stmt = ("E‖Az̃‖² = ‖Az‖² + κ²Tr(AᵀA)" if kind != "dirichlet"
                 else "E‖Az̃‖² = ‖Az‖² + κ²n/(n−1)(Tr(AᵀA) − n‖Az‖²)")
-        rows.append(_agree(exp, float(q.mean()), se, item=3, name=f"trace_link/{kind}",
+        rows.append(_agree(exp, float(q.mean()), se, item=3, name=f"trace_link/{kind}/{st.label}",
                            statement=f"{stmt} ({kind}, n={n}, r={p.trace_ratio:g})", source="toolkit",
                            expect=Verdict.AGREES, ref="Eq. 9-10; theory.expected_mixed_gradient_norm"))
         if kind == "gaussian":
-            rows.append(_agree(kappa**2 * tr, float(q.mean()), se, item=3, name="hutchinson_only/gaussian",
-                               statement="E‖Az̃‖² = κ²Tr(AᵀA) (Hutchinson, ignoring E[z̃] = z)", source="paper",
-                               expect=Verdict.DISAGREES, ref="Eq. 9-10; THEORY.md §3"))
+            # the slip is the dropped ‖Az‖² = ‖∇f‖²; whether D draws resolve it follows from the closed forms
+            se_pred = math.sqrt(mixed_gradient_norm_variance(kind, st.K, kappa) / p.trace_draws)
+            row = _agree(kappa**2 * tr, float(q.mean()), se, item=3, name=f"hutchinson_only/gaussian/{st.label}",
+                         statement=f"E‖Az̃‖² = κ²Tr(AᵀA) (Hutchinson, ignoring E[z̃] = z; {st.label})",
+                         source="paper", expect=Verdict.DISAGREES, ref="Eq. 9-10; THEORY.md §3")
+            rows.append(_slip_or_info(row, exp - kappa**2 * tr, se_pred))
+            info["trace_link_se_predicted"] = se_pred
         info[f"measured_{kind}"] = float(q.mean())
     ef = tr / n
     info["empirical_fisher_trace"] = ef
@@ -528,10 +551,10 @@ def check_trace_link(p: Preset, model: nn.Module, data: tuple[torch.Tensor, torc
         tg = ggn_trace(model, data, method="exact").value
         ef_curv = empirical_fisher_trace(model, data).value
         info["ggn_trace"] = tg
-        rows.append(_agree(ef_curv, ef, 0.0, item=3, name="empirical_fisher/crosscheck",
+        rows.append(_agree(ef_curv, ef, 0.0, item=3, name=f"empirical_fisher/crosscheck/{st.label}",
                            statement="Tr(AᵀA)/n (vmap per-sample gradients) = curvature.empirical_fisher_trace",
                            source="toolkit", expect=Verdict.AGREES, ref="Eq. 10"))
-        rows.append(_agree(tg, ef, 0.0, item=3, name="eq11_is_ggn",
+        rows.append(_agree(tg, ef, 0.0, item=3, name=f"eq11_is_ggn/{st.label}",
                            statement=f"Tr(AᵀA)/n = Tr(G) (Eq. 11 read as the GGN; {st.label}, ratio {ef / tg:.3g})",
                            source="paper", expect=Verdict.DISAGREES, ref="Eq. 11; THEORY.md §3"))
     return rows, info
@@ -727,6 +750,11 @@ def check_critical_batch(p: Preset, q: NoisyQuadratic) -> tuple[list[Check], lis
     Checks that GradientMix at batch γ̄B needs the steps of plain SGD at B (the mixed noise covariance is
     (γ̄/B)Σ + (r²/B)∇f∇fᵀ), that the fitted B_noise of S(B) = S_min(1 + B_noise/B) grows like γ̄, and
     puts B_noise beside γ̄·tr Σ/‖∇f‖² + r² and Theorem 1's batch-size condition.
+
+    The S(B) form is an approximation on this model, so a fitted B_noise depends on the window of B it is fitted
+    on. The B_noise ratio is therefore checked on matched windows — W = {B : γ̄_max·B on the grid} for γ̄ = 1 and
+    γ̄·W for γ̄ — within ``Z_SCORE`` standard errors of the two fits (:func:`critical_batch_fit`); the ratio on
+    the whole grid, where the window effect biases it upward at large γ̄, is reported beside it as info.
     """
     target = 1e-3 * q.delta
     h, noise, e0 = q.arrays()
@@ -743,7 +771,13 @@ def check_critical_batch(p: Preset, q: NoisyQuadratic) -> tuple[list[Check], lis
             i = int(np.argmin(s))
             steps[gb][B] = float(s[i])
             table.append({"gamma_bar": gb, "ratio": r, "batch_size": B, "steps": float(s[i]), "eta": float(etas[i])})
-        fits[gb] = fit_critical_batch(list(steps[gb]), list(steps[gb].values()))
+        fits[gb] = critical_batch_fit(list(steps[gb]), list(steps[gb].values()))
+    window = [B for B in p.cbs_batches if max(p.cbs_gammas) * B in steps[max(p.cbs_gammas)]]
+    if len(window) < 3 or 1 not in steps:
+        raise ValueError(f"preset {p.name!r}: the critical-batch check needs gamma 1 among cbs_gammas and >= 3 batch "
+                         f"sizes B with max(cbs_gammas)*B on the grid, got {len(window)}")
+    matched = {gb: critical_batch_fit([gb * B for B in window], [steps[gb][gb * B] for B in window])
+               for gb in p.cbs_gammas}
     # the noise scale where gradient descent (largest batch, its best η) reaches the target
     eta_gd = min(row["eta"] for row in table if row["gamma_bar"] == 1 and row["batch_size"] == max(p.cbs_batches))
     t_gd = int(q.steps_to_target(target, eta=eta_gd, weight_sum_sq=1.0, zeta=0.0))
@@ -751,8 +785,9 @@ def check_critical_batch(p: Preset, q: NoisyQuadratic) -> tuple[list[Check], lis
     b_simple = float(noise.sum() / (grad @ grad))
     b_hess = float((h * noise).sum() / (grad @ (h * grad)))
     rows = []
-    base_s, base_b = fits[1] if 1 in fits else fits[min(fits)]
-    for gb, (s_min, b_noise) in fits.items():
+    base, base_w = fits[1], matched[1]
+    for gb, fit in fits.items():
+        s_min, b_noise = fit.s_min, fit.b_noise
         r = math.sqrt(gb - 1)
         if gb != 1:
             pairs = [(steps[gb][gb * B], steps[1][B]) for B in p.cbs_batches if gb * B in steps[gb]]
@@ -762,11 +797,30 @@ def check_critical_batch(p: Preset, q: NoisyQuadratic) -> tuple[list[Check], lis
                               f"≤ 5 %)", "toolkit", 0.0, dev, None,
                               Verdict.AGREES if dev <= 0.05 else Verdict.DISAGREES, Verdict.AGREES,
                               "corrected Eq. 18; THEORY.md §5"))
-            ratio = b_noise / base_b
-            rows.append(Check(5, f"critical_batch/b_noise/g={gb}", f"fitted B_noise(γ̄) / B_noise(1) = γ̄ (γ̄={gb}; "
-                              f"within 25 %, the S(B) form is approximate)", "toolkit", float(gb), ratio, None,
-                              Verdict.AGREES if abs(ratio / gb - 1) <= 0.25 else Verdict.DISAGREES, Verdict.AGREES,
-                              "McCandlish et al. 2018", {"s_min": s_min, "b_noise": b_noise}))
+            mw = matched[gb]
+            ratio = mw.b_noise / base_w.b_noise
+            se = ratio * math.hypot(mw.b_noise_se / mw.b_noise, base_w.b_noise_se / base_w.b_noise)
+            rows.append(_agree(float(gb), ratio, se, item=5, name=f"critical_batch/b_noise/g={gb}",
+                               statement=f"fitted B_noise(γ̄) / B_noise(1) = γ̄ on matched windows (γ̄={gb}: B = "
+                               f"{gb * window[0]}..{gb * window[-1]} against {window[0]}..{window[-1]}; SE from the "
+                               "covariances of the two S(B) fits)", source="toolkit", expect=Verdict.AGREES,
+                               ref="McCandlish et al. 2018; THEORY.md §5",
+                               detail={"s_min": mw.s_min, "b_noise": mw.b_noise, "b_noise_se": mw.b_noise_se,
+                                       "s_min_1": base_w.s_min, "b_noise_1": base_w.b_noise,
+                                       "b_noise_1_se": base_w.b_noise_se, "window": [gb * B for B in window]}))
+            whole = b_noise / base.b_noise
+            whole_se = whole * math.hypot(fit.b_noise_se / b_noise, base.b_noise_se / base.b_noise)
+            row = _agree(float(gb), whole, whole_se, item=5, name=f"critical_batch/b_noise_whole_grid/g={gb}",
+                         statement=f"fitted B_noise(γ̄) / B_noise(1) = γ̄ with both fitted on B = "
+                         f"{min(p.cbs_batches)}..{max(p.cbs_batches)} (γ̄={gb}): biased by "
+                         f"{100 * (whole / ratio - 1):+.1f} % against the matched windows — S(B) = S_min(1 + "
+                         "B_noise/B) is not exact on this model, and one window shows a large γ̄ only its "
+                         "noise-dominated part", source="toolkit",
+                         expect=Verdict.INFO, ref="THEORY.md §5",
+                         detail={"bias_vs_matched": whole / ratio - 1, "ratio_matched": ratio})
+            row.detail["verdict_if_checked"] = row.verdict.value
+            row.verdict = Verdict.INFO
+            rows.append(row)
         pred = mixed_noise_scale(b_simple, "none" if gb == 1 else "gaussian", r)
         tcond = theorem1_batch_condition(L=q.L, delta=q.delta, sigma_sq=q.sigma_sq, steps=int(round(2 * s_min)),
                                          mu=0.0, gamma_bar=gb)
@@ -774,9 +828,8 @@ def check_critical_batch(p: Preset, q: NoisyQuadratic) -> tuple[list[Check], lis
                           f"the target (Hessian-weighted: {gb * b_hess:.4g}; Theorem 1's B-condition at T=2S_min: "
                           f"{tcond:.4g})", "toolkit", pred, b_noise, None, Verdict.INFO, Verdict.INFO,
                           "McCandlish et al. 2018; Remark after Theorem 1",
-                          {"s_min": s_min, "b_noise": b_noise, "b_simple_target": b_simple, "b_noise_hessian": b_hess,
-                           "theorem_batch_condition": tcond}))
-    del base_s
+                          {"s_min": s_min, "b_noise": b_noise, "b_noise_se": fit.b_noise_se,
+                           "b_simple_target": b_simple, "b_noise_hessian": b_hess, "theorem_batch_condition": tcond}))
     return rows, table
 
 

@@ -1,18 +1,34 @@
 """The simulation suite of ``gmix theory``: its verdicts (micro preset, through the CLI), its simulators
 against the exact recursion, and its command-line errors."""
 
+import dataclasses
+import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.optimize import curve_fit
 
 from gmix_curvature.cli import main
-from gmix_curvature.noise import expected_gamma, sample_weights
-from gmix_curvature.theory import NoisyQuadratic, expected_weight_sum_sq
+from gmix_curvature.noise import expected_gamma, kappa_from_ratio, sample_weights
+from gmix_curvature.theory import (
+    NoisyQuadratic,
+    critical_batch_fit,
+    critical_batch_steps,
+    expected_mixed_gradient_norm,
+    expected_weight_sum_sq,
+    mixed_gradient_norm_variance,
+)
 from gmix_curvature.theory_checks import (
     PRESETS,
+    RESOLVE_SE,
     Z_SCORE,
+    Verdict,
+    _ModelStats,
+    check_critical_batch,
+    check_trace_link,
     nesterov_aux_sequence,
     rademacher_enumeration,
     run_theory_checks,
@@ -107,6 +123,12 @@ def test_micro_suite_writes_plots_and_config(micro):
     assert json.loads((out / "config.json").read_text())["preset"]["name"] == "micro"
 
 
+def test_micro_hutchinson_slip_is_resolvable_and_refuted(micro):
+    (row,) = _rows(micro[1], "hutchinson_only/")
+    assert row["detail"]["resolvable"] and row["detail"]["gap_in_se"] >= RESOLVE_SE
+    assert row["detail"]["gap"] == pytest.approx(micro[1]["tables"]["models"][0]["grad_norm_sq"], rel=1e-9)
+
+
 def test_check_names_are_unique(micro):
     names = [c["name"] for c in micro[1]["checks"]]
     assert len(names) == len(set(names)), "check names must be unique"
@@ -181,6 +203,109 @@ def test_train_digits_cnn_is_reproducible_and_never_reseeds_the_global_rng():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert x.dtype == torch.float64 and x.shape == (64, 1, 8, 8) and not m1.training
     assert torch.initial_seed() == before  # manual_seed would change it
+
+
+# ------------------------------------------------------------------ resolvability and fit uncertainty
+
+
+def _gram(n: int, seed: int) -> torch.Tensor:
+    a = torch.randn(n, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + 0.5
+    return a @ a.T
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_mixed_gradient_norm_variance_is_exact(kind):
+    """Var of z̃ᵀKz̃ against an exact reference: Rademacher by enumerating all signs, Gaussian by tensor
+    Gauss–Hermite quadrature (3 nodes per axis integrate the degree-4 polynomial (z̃ᵀKz̃)² exactly)."""
+    n, kappa = 3, 0.7
+    k = _gram(n, 12).numpy()
+    if kind == "rademacher":
+        nodes, weights = np.array([-1.0, 1.0]), np.array([0.5, 0.5])
+    else:
+        nodes, weights = np.polynomial.hermite_e.hermegauss(3)
+        weights = weights / weights.sum()
+    m1 = m2 = 0.0
+    for idx in itertools.product(range(len(nodes)), repeat=n):
+        z = 1.0 / n + kappa * nodes[list(idx)]
+        w = float(np.prod(weights[list(idx)]))
+        q = float(z @ k @ z)
+        m1, m2 = m1 + w * q, m2 + w * q * q
+    mean_sq = float(np.full(n, 1.0 / n) @ k @ np.full(n, 1.0 / n))
+    assert m1 == pytest.approx(expected_mixed_gradient_norm(kind, n, kappa, mean_sq, float(np.trace(k))), rel=1e-12)
+    assert m2 - m1**2 == pytest.approx(mixed_gradient_norm_variance(kind, torch.from_numpy(k), kappa), rel=1e-10)
+
+
+def test_mixed_gradient_norm_variance_bad_input():
+    assert mixed_gradient_norm_variance("none", torch.eye(3), 0.0) == 0.0
+    with pytest.raises(ValueError, match="not dirichlet"):
+        mixed_gradient_norm_variance("dirichlet", torch.eye(3), 0.1)
+    with pytest.raises(ValueError, match="square n x n matrix"):
+        mixed_gradient_norm_variance("gaussian", torch.ones(2, 3), 0.1)
+
+
+def test_critical_batch_fit_standard_errors_are_those_of_the_nonlinear_fit():
+    """The delta-method SEs of the linear weighted fit equal curve_fit's on S = S_min(1 + B_noise/B) (relative
+    errors)."""
+    b = 2.0 ** np.arange(12)
+    noise = np.random.default_rng(13).normal(0.0, 0.03, b.size)
+    s = critical_batch_steps(b, 40.0, 300.0) * (1 + noise)
+    fit = critical_batch_fit(b, s)
+    popt, pcov = curve_fit(lambda x, s_min, b_noise: s_min * (1 + b_noise / x), b, s, p0=(30.0, 200.0), sigma=s,
+                           absolute_sigma=False, xtol=1e-14, ftol=1e-14)
+    assert (fit.s_min, fit.b_noise) == (pytest.approx(popt[0], rel=1e-7), pytest.approx(popt[1], rel=1e-7))
+    assert (fit.s_min_se, fit.b_noise_se) == (pytest.approx(math.sqrt(pcov[0, 0]), rel=1e-6),
+                                              pytest.approx(math.sqrt(pcov[1, 1]), rel=1e-6))
+    assert math.isnan(critical_batch_fit([1, 2], [3.0, 2.0]).b_noise_se)  # no degree of freedom left
+
+
+def _stats(offset: float, n: int = 200) -> _ModelStats:  # n > 1 + r² so that simplex weights reach κ = r/n
+    gen = torch.Generator().manual_seed(14)
+    a = torch.randn(n, 6, generator=gen, dtype=torch.float64)
+    a = a - a.mean(0) + offset * torch.ones(6, dtype=torch.float64)  # ∇f = offset·1, ‖∇f‖² = 6·offset²
+    mean = a.mean(0)
+    return _ModelStats("synthetic", a, a @ a.T, mean, float(mean @ mean), float((a - mean).square().sum(1).mean()),
+                       0.0, 0.0)
+
+
+@pytest.mark.parametrize("offset,resolvable", [(1.0, True), (1e-3, False)], ids=["large-gradient", "near-optimum"])
+def test_hutchinson_slip_expectation_follows_the_closed_forms(offset, resolvable):
+    p = dataclasses.replace(PRESETS["micro"], ggn=False, trace_draws=2_000)
+    st = _stats(offset)
+    rows, info = check_trace_link(p, None, None, st, torch.Generator().manual_seed(15))
+    (row,) = [r for r in rows if r.name.startswith("hutchinson_only/")]
+    kappa = kappa_from_ratio(p.trace_ratio, st.A.shape[0])
+    se = math.sqrt(mixed_gradient_norm_variance("gaussian", st.K, kappa) / p.trace_draws)
+    assert row.detail["gap"] == pytest.approx(st.grad_norm_sq, rel=1e-9) and row.detail["se"] == se
+    assert row.detail["resolvable"] is resolvable and row.ok
+    if resolvable:
+        assert row.verdict == row.expect == Verdict.DISAGREES and st.grad_norm_sq > RESOLVE_SE * se
+    else:
+        assert row.verdict == row.expect == Verdict.INFO and "not resolvable" in row.statement
+        assert row.detail["verdict_if_checked"] == "agrees"
+    assert all(r.ok for r in rows)
+
+
+def test_full_preset_critical_batch_checks_on_matched_windows():
+    """The full preset's item 5 (cheap: closed forms): B_noise ∝ γ̄ within the fits' SEs on matched windows, and
+    the whole-grid ratio reported as info with its bias."""
+    rows, _ = check_critical_batch(PRESETS["full"], NoisyQuadratic.standard())
+    assert all(r.ok for r in rows), [(r.name, r.verdict, r.expect) for r in rows if not r.ok]
+    ratios = [r for r in rows if r.name.startswith("critical_batch/b_noise/")]
+    whole = [r for r in rows if r.name.startswith("critical_batch/b_noise_whole_grid/")]
+    assert len(ratios) == len(whole) == len(PRESETS["full"].cbs_gammas) - 1
+    for r in ratios:
+        assert r.verdict == Verdict.AGREES and 0 < r.ci < 0.5 * r.expected
+        assert r.detail["window"][0] == r.expected * 1  # the matched window starts at γ̄·1
+    for r in whole:
+        assert r.verdict == Verdict.INFO and r.detail["verdict_if_checked"] in ("agrees", "disagrees")
+        assert r.detail["bias_vs_matched"] == pytest.approx(r.measured / r.detail["ratio_matched"] - 1, rel=1e-12)
+
+
+def test_critical_batch_needs_gamma_one_and_a_window():
+    with pytest.raises(ValueError, match="needs gamma 1 among cbs_gammas"):
+        check_critical_batch(dataclasses.replace(PRESETS["micro"], cbs_gammas=(2, 4)), NoisyQuadratic.standard())
+    with pytest.raises(ValueError, match=">= 3 batch sizes"):
+        check_critical_batch(dataclasses.replace(PRESETS["micro"], cbs_batches=(1, 2, 4, 8)), NoisyQuadratic.standard())
 
 
 # ------------------------------------------------------------------ presets and errors
