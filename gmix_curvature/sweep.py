@@ -190,27 +190,33 @@ def run_sweep(
 
 def plot_sweep(csv: str | Path, path: str | Path, *, metric: str = "test_acc") -> Path:
     """Draw a sweep's CSV as in Fig. 1–3: ``metric`` (in %) against batch size, one panel per optimizer,
-    one line per noise kind, error bars (standard error) over the remaining axes such as the seed."""
-    import matplotlib
+    one line per noise kind, error bars (standard error) over the remaining axes such as the seed.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a :class:`matplotlib.figure.Figure` with seaborn's axes-level functions: matplotlib's backend,
+    pyplot's figures and the global rcParams are left as they were (a notebook's own plots still show).
+    """
     import pandas as pd
     import seaborn as sns
+    from matplotlib.figure import Figure
 
     df = pd.read_csv(csv)
     if metric not in df:
         raise GmixError(f"{csv} has no column {metric!r}; columns: {', '.join(df.columns)}")
     df = df.assign(**{metric: 100 * df[metric]})
     x = "batch_size" if "batch_size" in df and df["batch_size"].nunique() > 1 else "cell"
-    kw: dict[str, Any] = {"hue": "noise"} if "noise" in df else {}
-    if "optimizer" in df:
-        kw["col"] = "optimizer"
-    g = sns.relplot(data=df, x=x, y=metric, kind="line", marker="o", errorbar="se", height=3.2, aspect=1.1, **kw)
-    if x == "batch_size":
-        g.set(xscale="log")
-    g.set_axis_labels("batch size" if x == "batch_size" else "run", f"{metric} (%)")
+    kw: dict[str, Any] = {"hue": "noise", "hue_order": list(dict.fromkeys(df["noise"]))} if "noise" in df else {}
+    panels = list(dict.fromkeys(df["optimizer"])) if "optimizer" in df else [None]
+    with sns.axes_style("darkgrid"):  # seaborn's default style, as a context: rcParams are restored after
+        fig = Figure(figsize=(3.5 * len(panels) + 1.0, 3.2), layout="constrained")
+        axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+        for i, (ax, panel) in enumerate(zip(axes, panels)):
+            sub = df if panel is None else df[df["optimizer"] == panel]
+            sns.lineplot(data=sub, x=x, y=metric, marker="o", errorbar="se", ax=ax, legend=i == len(panels) - 1,
+                         **kw)
+            if x == "batch_size":
+                ax.set_xscale("log")
+            ax.set(xlabel="batch size" if x == "batch_size" else "run", ylabel=f"{metric} (%)",
+                   title="" if panel is None else f"optimizer = {panel}")
     path = Path(path)
-    g.savefig(path, dpi=120)
-    plt.close(g.figure)
+    fig.savefig(path, dpi=120)
     return path

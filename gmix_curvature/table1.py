@@ -1049,22 +1049,15 @@ def write_table1(result: Table1Result, out: str | Path, *, plot: bool = True) ->
     return result.files
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_table1(result: Table1Result, path: str | Path) -> Path:
     """Grouped bars with error bars (std over seeds): |log Tr(G)| beside the paper's (black diamonds), test
-    accuracy, and the log₁₀ of every curvature quantity, one bar per method."""
+    accuracy, and the log₁₀ of every curvature quantity, one bar per method.
+
+    Drawn on a :class:`matplotlib.figure.Figure`: matplotlib's backend and pyplot's figures are left alone."""
     import pandas as pd
     import seaborn as sns
+    from matplotlib.figure import Figure
 
-    plt = _pyplot()
     labels = {m.key: m.label for m in TABLE1_METHODS}
     rows = []
     logs = {"ggn_trace": "Tr(G)", "ef_trace": "Tr(EF)", "hessian_trace": "Tr(H)", "si_sharpness": "SI sharp.",
@@ -1077,7 +1070,8 @@ def plot_table1(result: Table1Result, path: str | Path) -> Path:
     df = pd.DataFrame(rows)
     runs = pd.DataFrame([{"method": labels[r.method], **r.metrics} for r in result.runs])
     order = [labels[m.key] for m in TABLE1_METHODS if labels[m.key] in set(runs["method"])]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2), gridspec_kw={"width_ratios": [1, 1, 2.6]})
+    fig = Figure(figsize=(16, 4.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 2.6]})
     sns.barplot(data=runs, x="method", y="abs_log_ggn_trace", order=order, errorbar="sd", ax=axes[0],
                 hue="method", hue_order=order, legend=False)
     for i, name in enumerate(order):
@@ -1103,7 +1097,6 @@ def plot_table1(result: Table1Result, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -1111,14 +1104,15 @@ def plot_trace_vs_loss(result: Table1Result, path: str | Path) -> Path:
     """Along training (the engine's ``trace`` records, on a fixed training subset in eval mode), against the
     training loss: Tr(G), λ_max(G), and λ_max(G) over the stability threshold at the learning rate of that
     step (1 = the edge of stability). One line per run, one colour per method; the dashed line marks the
-    matched loss L*."""
+    matched loss L*. Drawn on a :class:`matplotlib.figure.Figure`, as :func:`plot_table1`."""
     import seaborn as sns
+    from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    plt = _pyplot()
     labels = {m.key: m.label for m in TABLE1_METHODS}
     palette = dict(zip([m.key for m in TABLE1_METHODS], sns.color_palette(n_colors=len(TABLE1_METHODS))))
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
+    fig = Figure(figsize=(17, 4.6))
+    axes = fig.subplots(1, 3)
     seen: set[str] = set()
     for r in result.runs:
         recs = [t for t in r.trace if t.get("loss", 0) > 0 and t.get("ggn_trace", 0) > 0]
@@ -1148,5 +1142,4 @@ def plot_trace_vs_loss(result: Table1Result, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path

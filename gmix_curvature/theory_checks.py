@@ -987,62 +987,68 @@ def run_theory_checks(
 
 
 def plot_report(report: TheoryReport, out: str | Path) -> list[Path]:
-    """Seaborn figures of the report under ``out`` (Agg backend, imported lazily); returns the files written."""
-    import matplotlib
+    """Seaborn figures of the report under ``out``; returns the files written.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on :class:`matplotlib.figure.Figure` objects (seaborn's axes-level functions, its style as a
+    context): matplotlib's backend, pyplot's figures and the global rcParams are left as they were.
+    """
     import pandas as pd
     import seaborn as sns
+    from matplotlib.figure import Figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    sns.set_theme(style="whitegrid")
 
-    df = pd.DataFrame(report.tables["second_moment"])
-    if len(df):
-        long = df.melt(id_vars=["model", "kind", "batch_size"], value_vars=["measured", "exact", "eq18"],
-                       var_name="value", value_name="E|g|^2")
-        grid = sns.catplot(data=long, x="kind", y="E|g|^2", hue="value", col="batch_size", row="model", kind="bar",
-                           sharey=False, height=3.2, aspect=1.3)
-        grid.figure.suptitle("E‖g‖²: Monte Carlo vs exact vs Eq. 18 as printed", y=1.02)
-        files.append(out / "second_moment.png")
-        grid.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(grid.figure)
-
-    df = pd.DataFrame(report.tables["theorem1_grid"])
-    if len(df):
-        fig, ax = plt.subplots(figsize=(5.5, 4.5))
-        long = df.melt(id_vars=["exact", "kind"], value_vars=["corrected_bound", "printed_bound"], var_name="bound",
-                       value_name="bound value")
-        long = long[np.isfinite(long["bound value"].astype(float))]
-        sns.scatterplot(data=long, x="bound value", y="exact", hue="bound", style="kind", ax=ax)
-        lo = float(min(long["bound value"].min(), df["exact"].min()))
-        hi = float(max(long["bound value"].max(), df["exact"].min() * 10))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=1)
-        ax.set(xscale="log", yscale="log", title="Theorem 1: (1/T)ΣE‖∇f‖² vs bound (above the line: violated)")
-        files.append(out / "theorem1_grid.png")
+    def save(fig: Figure, name: str) -> None:
+        files.append(out / name)
         fig.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(fig)
 
-    df = pd.DataFrame(report.tables["exponents"])
-    if len(df):
-        grid = sns.relplot(data=df, x="steps", y="exact", hue="gamma_bar", style="batch_size", kind="line",
-                           markers=True, height=4, aspect=1.3)
-        grid.set(xscale="log", yscale="log")
-        grid.figure.suptitle("(1/T)ΣE‖∇f‖² at the tuned step η*", y=1.02)
-        files.append(out / "exponents.png")
-        grid.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(grid.figure)
+    with sns.axes_style("whitegrid"):
+        df = pd.DataFrame(report.tables["second_moment"])
+        if len(df):
+            long = df.melt(id_vars=["model", "kind", "batch_size"], value_vars=["measured", "exact", "eq18"],
+                           var_name="value", value_name="E|g|^2")
+            models, batches = list(dict.fromkeys(long["model"])), sorted(set(long["batch_size"]))
+            fig = Figure(figsize=(4.2 * len(batches), 3.2 * len(models)), layout="constrained")
+            axes = fig.subplots(len(models), len(batches), squeeze=False)
+            for i, model in enumerate(models):
+                for j, batch in enumerate(batches):
+                    sub = long[(long["model"] == model) & (long["batch_size"] == batch)]
+                    sns.barplot(data=sub, x="kind", y="E|g|^2", hue="value", ax=axes[i, j],
+                                legend=i == 0 and j == len(batches) - 1)
+                    axes[i, j].set_title(f"model = {model} | batch_size = {batch}", fontsize=9)
+            sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1, 1))
+            fig.suptitle("E‖g‖²: Monte Carlo vs exact vs Eq. 18 as printed")
+            save(fig, "second_moment.png")
 
-    df = pd.DataFrame(report.tables["critical_batch"])
-    if len(df):
-        grid = sns.relplot(data=df, x="batch_size", y="steps", hue="gamma_bar", kind="line", markers=True,
-                           height=4, aspect=1.3)
-        grid.set(xscale="log", yscale="log")
-        grid.figure.suptitle("steps to target vs batch size (optimal η per B)", y=1.02)
-        files.append(out / "critical_batch.png")
-        grid.savefig(files[-1], dpi=120, bbox_inches="tight")
-        plt.close(grid.figure)
+        df = pd.DataFrame(report.tables["theorem1_grid"])
+        if len(df):
+            fig = Figure(figsize=(5.5, 4.5))
+            ax = fig.subplots()
+            long = df.melt(id_vars=["exact", "kind"], value_vars=["corrected_bound", "printed_bound"],
+                           var_name="bound", value_name="bound value")
+            long = long[np.isfinite(long["bound value"].astype(float))]
+            sns.scatterplot(data=long, x="bound value", y="exact", hue="bound", style="kind", ax=ax)
+            lo = float(min(long["bound value"].min(), df["exact"].min()))
+            hi = float(max(long["bound value"].max(), df["exact"].min() * 10))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+            ax.set(xscale="log", yscale="log", title="Theorem 1: (1/T)ΣE‖∇f‖² vs bound (above the line: violated)")
+            save(fig, "theorem1_grid.png")
+
+        df = pd.DataFrame(report.tables["exponents"])
+        if len(df):
+            fig = Figure(figsize=(5.2, 4))
+            ax = fig.subplots()
+            sns.lineplot(data=df, x="steps", y="exact", hue="gamma_bar", style="batch_size", markers=True, ax=ax)
+            ax.set(xscale="log", yscale="log", title="(1/T)ΣE‖∇f‖² at the tuned step η*")
+            save(fig, "exponents.png")
+
+        df = pd.DataFrame(report.tables["critical_batch"])
+        if len(df):
+            fig = Figure(figsize=(5.2, 4))
+            ax = fig.subplots()
+            sns.lineplot(data=df, x="batch_size", y="steps", hue="gamma_bar", marker="o", ax=ax)
+            ax.set(xscale="log", yscale="log", title="steps to target vs batch size (optimal η per B)")
+            save(fig, "critical_batch.png")
     return files

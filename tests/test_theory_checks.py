@@ -1,6 +1,7 @@
 """The simulation suite of ``gmix theory``: its verdicts (micro preset, through the CLI), its simulators
 against the exact recursion, and its command-line errors."""
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -25,11 +26,13 @@ from gmix_curvature.theory_checks import (
     PRESETS,
     RESOLVE_SE,
     Z_SCORE,
+    TheoryReport,
     Verdict,
     _ModelStats,
     check_critical_batch,
     check_trace_link,
     nesterov_aux_sequence,
+    plot_report,
     rademacher_enumeration,
     run_theory_checks,
     sample_weight_matrix,
@@ -127,6 +130,36 @@ def test_micro_hutchinson_slip_is_resolvable_and_refuted(micro):
     (row,) = _rows(micro[1], "hutchinson_only/")
     assert row["detail"]["resolvable"] and row["detail"]["gap_in_se"] >= RESOLVE_SE
     assert row["detail"]["gap"] == pytest.approx(micro[1]["tables"]["models"][0]["grad_norm_sq"], rel=1e-9)
+
+
+@contextlib.contextmanager
+def _matplotlib_state_kept():
+    """The caller's matplotlib as a notebook has it — a backend other than Agg (svg here), a figure of its own
+    open — must come out of the block unchanged: same backend, same rcParams, same pyplot figures."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    old = matplotlib.get_backend()
+    plt.switch_backend("svg")
+    try:
+        mine = plt.figure()
+        rc = dict(matplotlib.rcParams)
+        yield
+        assert matplotlib.get_backend() == "svg"
+        assert dict(matplotlib.rcParams) == rc
+        assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
+    finally:
+        plt.close("all")
+        plt.switch_backend(old)
+
+
+def test_plot_report_leaves_matplotlib_alone(micro, tmp_path):
+    report = micro[1]
+    rebuilt = TheoryReport(report["preset"], report["seed"], [], report["tables"], {})
+    with _matplotlib_state_kept():
+        files = plot_report(rebuilt, tmp_path)
+    assert [f.name for f in files] == ["second_moment.png", "theorem1_grid.png", "exponents.png", "critical_batch.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 
 def test_check_names_are_unique(micro):
