@@ -100,9 +100,15 @@ def top_prob(net: nn.Module, x: torch.Tensor) -> float:
         return float(torch.softmax(net(x), 1).max(1).values.mean())
 
 
-def memorise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, target: float = 0.999) -> nn.Module:
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(steps):
+def memorise(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, target: float = 0.999
+) -> tuple[nn.Module, int]:
+    """Full-batch Adam until the mean top softmax probability (eval mode, calibrated BatchNorm) reaches
+    ``target`` or ``steps`` steps are done; returns the network and the steps taken."""
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    step = 0
+    while step < steps:
+        step += 1
         net.train()
         opt.zero_grad()
         nn.functional.cross_entropy(net(x), y).backward()
@@ -110,7 +116,7 @@ def memorise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, targe
         calibrate(net, x)
         if top_prob(net, x) >= target:
             break
-    return calibrate(net, x)
+    return calibrate(net, x), step
 
 
 def scaled_head(net: nn.Module, x: torch.Tensor, target: float = 0.999) -> nn.Module:
@@ -161,10 +167,20 @@ def part_a(args):
         print(f"{label:<22} {r['value']:>12.6g} {r['seconds']:>9.2f} {r['peak_gib']:>9.3f}{err}")
 
 
+def time_to_1pct(seconds: float, rel_sd: float) -> float:
+    """Seconds to a 1 % relative standard error by averaging independent units (a pass, an xtrace call) that
+    each take ``seconds`` with relative sd ``rel_sd``: seconds × (rel_sd / 1 %)², at least one unit."""
+    return seconds * max((rel_sd / 0.01) ** 2, 1.0)
+
+
+def rel_sd(values: list[float]) -> float:
+    mean = statistics.fmean(values)
+    return statistics.stdev(values) / abs(mean) if mean != 0 else math.inf
+
+
 def per_pass(net, x, y, method, probes, batch):
     r = ggn_trace(net, (x, y), method, num_probes=probes, generator=0, batch_size=batch)
-    values = r.extra["probe_values"]
-    return r.seconds / probes, statistics.stdev(values) / abs(statistics.mean(values)), r.value
+    return r.seconds / probes, rel_sd(r.extra["probe_values"]), r.value
 
 
 def pyhessian_pass(net, x, y, probes, batch):
@@ -178,62 +194,91 @@ def pyhessian_pass(net, x, y, probes, batch):
         values = h.trace(maxIter=probes, tol=0.0)
     sec = (time.perf_counter() - start) / probes
     # PyHessian's dataloader path sums per-batch averages weighted by batch size / n: the mean Hessian.
-    return sec, statistics.stdev(values) / abs(statistics.mean(values)), statistics.mean(values)
+    return sec, rel_sd(values), statistics.fmean(values)
 
 
-def part_b(nets, x, y, batch, probes, exact_values):
-    print("\n(b) stochastic estimators: seconds a pass, relative sd of one pass, time to 1 % = s/pass × (sd/1 %)²")
-    print(f"{'network':<14} {'method':<18} {'estimate':>11} {'exact':>11} {'s/pass':>8} {'rel sd':>8} "
+STOCHASTIC = ("fisher_is", "output_hutchinson", "fisher_mc", "hutchinson")
+
+
+def part_b(nets, batch, probes, exact, pyhessian_probes, methods):
+    """Per network: one row per stochastic estimator and PyHessian: (method, estimate, s/unit, rel sd, s to 1 %)."""
+    print("\n(b) stochastic estimators: seconds a pass, relative sd of one pass (over the probes), "
+          "time to 1 % = s/pass × (sd/1 %)²")  # fmt: skip
+    print(f"{'network':<16} {'method':<18} {'estimate':>11} {'exact':>11} {'s/pass':>8} {'rel sd':>8} "
           f"{'s to 1 %':>10} {'vs PyHessian':>12}")  # fmt: skip
-    best = {}
-    for name, net in nets.items():
-        rows = []
-        for method in ("fisher_is", "output_hutchinson", "fisher_mc", "hutchinson"):
+    rows = {}
+    for name, (net, x, y) in nets.items():
+        rows[name] = []
+        for method in methods:
             sec, rsd, val = per_pass(net, x, y, method, probes, batch)
-            rows.append((method, val, sec, rsd))
-        sec, rsd, val = pyhessian_pass(net, x, y, max(probes // 2, 2), batch)
-        ph_time = sec * (rsd / 0.01) ** 2
-        rows.append(("PyHessian (H)", val, sec, rsd))
-        for method, val, sec, rsd in rows:
-            t1 = sec * max((rsd / 0.01) ** 2, 1.0)
-            print(f"{name:<14} {method:<18} {val:>11.5g} {exact_values[name]:>11.5g} {sec:>8.2f} {rsd:>8.2%} "
-                  f"{t1:>10.1f} {ph_time / t1:>11.0f}x")  # fmt: skip
-        best[name] = min((sec * max((rsd / 0.01) ** 2, 1.0), m) for m, _, sec, rsd in rows[:2])
-    return best
+            rows[name].append((method, val, sec, rsd, time_to_1pct(sec, rsd)))
+        if pyhessian_probes:
+            sec, rsd, val = pyhessian_pass(net, x, y, pyhessian_probes, batch)
+            rows[name].append(("PyHessian (H)", val, sec, rsd, time_to_1pct(sec, rsd)))
+        ph = rows[name][-1][-1] if pyhessian_probes else math.nan
+        for method, val, sec, rsd, t1 in rows[name]:
+            print(f"{name:<16} {method:<18} {val:>11.5g} {exact[name][0]:>11.5g} {sec:>8.2f} {rsd:>8.2%} "
+                  f"{t1:>10.1f} {ph / t1:>11.1f}x", flush=True)  # fmt: skip
+    return rows
 
 
-def part_c(nets, x, y, batch, matvecs, repeats, exact_values, best):
+def part_c(nets, batch, matvecs, repeats, exact):
+    """Per network: xtrace's time to 1 % (best over the budgets, each budget one unit) and its budget."""
     from curvlinops import GGNLinearOperator, xtrace
 
-    print("\n(c) curvlinops xtrace on GGNLinearOperator: relative spread around exact over repeats")
-    print(f"{'network':<14} {'products':>8} {'rel spread':>10} {'seconds':>9} {'s to 1 % (∝1/m)':>16} "
-          f"{'best ours to 1 %':>17} {'ratio':>7}")  # fmt: skip
-    for name, net in nets.items():
+    print(f"\n(c) curvlinops xtrace on GGNLinearOperator: relative spread around exact over {repeats} repeats")
+    print("    (seeds 0..), time to 1 % = s/call × (spread/1 %)²; last column: assuming spread ∝ 1/products instead")
+    print(f"{'network':<16} {'products':>8} {'estimates (mean)':>16} {'rel spread':>10} {'s/call':>9} "
+          f"{'s to 1 %':>10} {'(∝1/m)':>9}")  # fmt: skip
+    best = {}
+    for name, (net, x, y) in nets.items():
         params = [p for p in net.parameters() if p.requires_grad]
         data = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
         op = GGNLinearOperator(net, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
+        ex = exact[name][0]
         for m in matvecs:
             vals, start = [], time.perf_counter()
-            for _ in range(repeats):
-                vals.append(float(xtrace(op, m)))
+            for seed in range(repeats):
+                with torch.random.fork_rng():  # xtrace draws from the global RNG
+                    torch.manual_seed(seed)
+                    vals.append(float(xtrace(op, m)))
             sec = (time.perf_counter() - start) / repeats
-            ex = exact_values[name]
             spread = math.sqrt(statistics.fmean([(v - ex) ** 2 for v in vals])) / ex
-            t1 = sec * max(spread / 0.01, 1.0)
-            ours, method = best[name]
-            print(f"{name:<14} {m:>8} {spread:>10.2%} {sec:>9.1f} {t1:>16.1f} {ours:>12.1f} ({method[:4]}) "
-                  f"{t1 / ours:>6.0f}x")  # fmt: skip
+            t1 = time_to_1pct(sec, spread)
+            best[name] = min(best.get(name, (math.inf, 0)), (t1, m))
+            print(f"{name:<16} {m:>8} {statistics.fmean(vals):>16.5g} {spread:>10.2%} {sec:>9.1f} {t1:>10.1f} "
+                  f"{sec * max(spread / 0.01, 1.0):>9.1f}", flush=True)  # fmt: skip
+    return best
 
 
-def part_d(net, x, y, batch, probes):
-    print("\n(d) 100-class head: best stochastic estimator to 1 % vs exact")
-    exact = exact_ggn_trace(net, (x, y), batch_size=batch)
-    sec, rsd, val = per_pass(net, x, y, "fisher_is", probes, batch)
-    t1 = sec * max((rsd / 0.01) ** 2, 1.0)
-    print(f"exact {exact.value:.5g} in {exact.seconds:.1f} s; fisher_is {val:.5g}: {sec:.2f} s/pass, "
-          f"rel sd {rsd:.2%} a pass, {t1:.1f} s to 1 % -> {exact.seconds / t1:.0f}x faster than exact")
-    r = ggn_trace(net, (x, y), "auto", generator=0, batch_size=batch)
-    print(f"auto chose {r.method}: {r.value:.5g} ± {r.stderr or 0:.3g} in {r.seconds:.1f} s ({r.extra.get('auto')})")
+def part_d(nets, batch, rows, exact, auto):
+    print("\n(d) best stochastic estimator to 1 % vs exact (fisher_mc left out: its probe spread misses the rare")
+    print("    large draws on a confident model, theory/CURVATURE.md §2)" + (
+          "; and what ggn_trace(method='auto') does" if auto else ""))  # fmt: skip
+    for name, (net, x, y) in nets.items():
+        t1, method = min((r[4], r[0]) for r in rows[name] if r[0] in STOCHASTIC and r[0] != "fisher_mc")
+        value, seconds = exact[name]
+        print(f"{name}: exact {value:.5g} in {seconds:.1f} s; {method} to 1 % in {t1:.1f} s -> "
+              f"{seconds / t1:.1f}x faster than exact", flush=True)  # fmt: skip
+        if not auto:
+            continue
+        r = ggn_trace(net, (x, y), "auto", generator=0, batch_size=batch)
+        print(f"  auto chose {r.method}: {r.value:.5g} ± {r.stderr or 0:.3g} in {r.seconds:.1f} s "
+              f"({r.extra.get('auto')})", flush=True)  # fmt: skip
+
+
+def summary(nets, rows, exact, xt):
+    print("\nsummary: time to 1 % relative standard error, and how many times faster than each reference")
+    print(f"{'network':<16} {'method':<18} {'s to 1 %':>9} {'vs PyHessian':>12} {'vs xtrace':>10} {'vs exact':>9}")
+    for name in nets:
+        ph = next((r[4] for r in rows[name] if r[0] == "PyHessian (H)"), math.nan)
+        for method, _, _, _, t1 in rows[name]:
+            vs_xt = f"{xt[name][0] / t1:>9.1f}x" if name in xt else f"{'-':>10}"
+            print(f"{name:<16} {method:<18} {t1:>9.1f} {ph / t1:>11.1f}x {vs_xt} {exact[name][1] / t1:>8.1f}x")
+        if name in xt:
+            t1, m = xt[name]
+            print(f"{name:<16} {'xtrace (' + str(m) + ')':<18} {t1:>9.1f} {ph / t1:>11.1f}x {1:>9.1f}x "
+                  f"{exact[name][1] / t1:>8.1f}x")  # fmt: skip
 
 
 def part_e(net, x, y, batch):
@@ -269,45 +314,66 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--probes", type=int, default=8)
-    ap.add_argument("--train-steps", type=int, default=60)
-    ap.add_argument("--matvecs", default="12,24")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--probes", type=int, default=8, help="passes of each stochastic estimator (b)")
+    ap.add_argument("--pyhessian-probes", type=int, default=4, help="0: no PyHessian")
+    ap.add_argument("--methods", default=",".join(STOCHASTIC), help="the stochastic estimators of (b)")
+    ap.add_argument("--auto", action="store_true", help="(d) also runs ggn_trace(method='auto')")
+    ap.add_argument("--classes", default="10,100", help="heads of the networks of (b), (c), (d)")
+    ap.add_argument("--nets", default="untrained,trained", help="networks of (b), (c), (d)")
+    ap.add_argument("--xtrace-nets", default="untrained,trained", help="the networks (c) runs xtrace on")
+    ap.add_argument("--train-steps", type=int, default=300, help="at most this many full-batch Adam steps")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--matvecs", default="6,24,48,96", help="xtrace budgets: GGN-vector products a call")
+    ap.add_argument("--repeats", type=int, default=3, help="xtrace calls at each budget")
     ap.add_argument("--parts", default="abcde")
     ap.add_argument("--scaled-head", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child_main(args.child, args)
-    x, y = make_data(args.samples, 10)
     print(f"CIFAR ResNet-18 width {args.width}, {args.samples} CIFAR-shaped samples, float32, eval mode, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores")  # fmt: skip
-    fresh = calibrate(make_net(10, args.width), x)
-    nets = {"untrained": fresh}
-    if set(args.parts) & set("bc"):
-        start = time.perf_counter()
-        nets["trained"] = memorise(copy.deepcopy(fresh), x, y, args.train_steps)
-        print(f"trained {time.perf_counter() - start:.0f} s to mean top probability {top_prob(nets['trained'], x):.4f}")
-    if args.scaled_head:
-        nets["scaled head"] = scaled_head(fresh, x)
-    for name, net in nets.items():
-        print(f"{name}: mean top softmax probability {top_prob(net, x):.4f}")
-    exact_values = {}
-    for name, net in nets.items():
-        r = exact_ggn_trace(net, (x, y), batch_size=args.batch)
-        exact_values[name] = r.value
-        print(f"exact Tr(G) {name}: {r.value:.6g} ({r.seconds:.1f} s)")
+    x, _ = make_data(args.samples, 10)
+    nets = {}  # "<kind> C=<classes>" -> (net, x, y)
+    if set(args.parts) & set("bcd"):
+        for classes in [int(c) for c in args.classes.split(",")]:
+            _, y = make_data(args.samples, classes)
+            fresh = calibrate(make_net(classes, args.width), x)
+            for kind in args.nets.split(","):
+                if kind == "untrained":
+                    net = fresh
+                elif kind == "trained":
+                    start = time.perf_counter()
+                    net, steps = memorise(copy.deepcopy(fresh), x, y, args.train_steps, args.lr)
+                    print(f"trained C={classes}: {steps} Adam steps (lr {args.lr:g}), "
+                          f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
+                elif kind == "scaled":
+                    net = scaled_head(fresh, x)
+                else:
+                    raise SystemExit(f"unknown network {kind!r}; valid: untrained, trained, scaled")
+                nets[f"{kind} C={classes}"] = (net, x, y)
+    exact = {}  # name -> (value, seconds)
+    for name, (net, xs, ys) in nets.items():
+        r = exact_ggn_trace(net, (xs, ys), batch_size=args.batch)
+        exact[name] = (r.value, r.seconds)
+        print(f"{name}: mean top softmax probability {top_prob(net, xs):.4f}; exact Tr(G) {r.value:.6g} "
+              f"({r.seconds:.1f} s)", flush=True)  # fmt: skip
     if "a" in args.parts:
         part_a(args)
-    best = part_b(nets, x, y, args.batch, args.probes, exact_values) if set(args.parts) & set("bc") else {}
+    rows = {}
+    if set(args.parts) & set("bcd"):
+        rows = part_b(nets, args.batch, args.probes, exact, args.pyhessian_probes, args.methods.split(","))
+    xt = {}
     if "c" in args.parts:
-        part_c(nets, x, y, args.batch, [int(m) for m in args.matvecs.split(",")], args.repeats, exact_values, best)
+        on = {n: v for n, v in nets.items() if n.split(" ")[0] in args.xtrace_nets.split(",")}
+        xt = part_c(on, args.batch, [int(m) for m in args.matvecs.split(",")], args.repeats, exact)
     if "d" in args.parts:
-        _, y100 = make_data(args.samples, 100)
-        net100 = calibrate(make_net(100, args.width), x)
-        part_d(net100, x, y100, args.batch, args.probes)
+        part_d(nets, args.batch, rows, exact, args.auto)
+    if rows:
+        summary(nets, rows, exact, xt)
     if "e" in args.parts:
-        part_e(fresh, x, y, args.batch)
+        x10, y10 = make_data(args.samples, 10)
+        part_e(calibrate(make_net(10, args.width), x10), x10, y10, args.batch)
 
 
 if __name__ == "__main__":
