@@ -1,21 +1,26 @@
 """Benchmark of the Tr(G) estimators on the CIFAR ResNet-18 in eval mode (issue 9), side by side in one run.
 
-Networks: untrained with calibrated BatchNorm statistics; trained with Adam until it memorises its random
-CIFAR-shaped samples; optionally (--scaled-head) the untrained one with its head scaled to a mean top
-probability of 0.999 (a quick extra case: its G is dominated by a few directions).
+Networks (parts b, c, d), for each head in --classes: untrained with calibrated BatchNorm statistics; trained
+with full-batch Adam until it memorises its random CIFAR-shaped samples (mean top softmax probability >= 0.999);
+optionally "scaled": the untrained one with its head scaled to a mean top probability of 0.999.
+
+"Time to 1 %" is the same for every estimator: seconds a unit (a pass, an xtrace call) × (relative sd of one
+unit / 1 %)², at least one unit — the cost of averaging independent units to a 1 % relative standard error.
 
 Parts (each prints a table):
   a  exact Tr(G) vs BackPACK DiagGGNExact with its converter: seconds and peak memory (child processes)
-  b  seconds per pass and relative sd of one pass of every stochastic estimator, time to a 1 % relative
-     standard error (seconds/pass × (sd/0.01)²), vs PyHessian's Hutchinson (Hessian; = Tr(G) in
-     expectation here: ReLU network in eval mode)
-  c  curvlinops xtrace on its GGNLinearOperator: relative spread over repeats at a number of products,
-     extrapolated to 1 % assuming spread ∝ 1/products
-  d  the same with a 100-class head: the best stochastic estimator to 1 % vs exact
+  b  seconds per pass and relative sd of one pass (over --probes passes) of every stochastic estimator, time
+     to 1 %, vs PyHessian's Hutchinson (Hessian; = Tr(G) in expectation here: ReLU network in eval mode)
+  c  curvlinops xtrace on its GGNLinearOperator: relative spread around exact over --repeats calls at each
+     budget of --matvecs GGN-vector products; time to 1 % at the best budget (and, optimistically, assuming
+     the spread falls as 1/products)
+  d  the best stochastic estimator to 1 % vs exact (the goal is set with a 100-class head)
   e  one per-sample-norm pass by backend: layer rules (ghost/materialise chosen per layer, or forced),
      torch.func, BackPACK BatchL2Grad
+A summary table closes (b)-(d): each estimator's time to 1 % and its ratio to PyHessian, xtrace and exact.
 
-Run: .venv/bin/python bench/curvature.py [--width 16] [--samples 128] [--parts abcde]
+Run: .venv/bin/python bench/curvature.py [--width 16] [--samples 128] [--classes 10,100] [--parts abcde]
+(the figures in theory/CURVATURE.md §7 give the exact commands; absolute seconds on a shared machine are noisy)
 """
 
 from __future__ import annotations
