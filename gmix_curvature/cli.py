@@ -50,13 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _close_process_group() -> None:
+    """Under torchrun: wait for every rank, then tear the process group down before the interpreter exits
+    (a gloo group left to the interpreter's shutdown can abort a rank whose peers have already gone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``gmix``; returns the exit code (0 success, 2 bad input, 3 a diverged run)."""
     # torch's forward-mode AD and linear_operator still use torch.jit.script; the deprecation is theirs
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        _close_process_group()
+        return code
     except TrainingDiverged as exc:
         print(f"{args._prog}: stopped: {exc}", file=sys.stderr)
         return 3
