@@ -69,7 +69,9 @@ __all__ = [
     "run_table1",
     "RunRecord",
     "Table1Row",
+    "Table1Samples",
     "Table1Result",
+    "table1_data",
     "write_table1",
     "plot_table1",
     "plot_trace_vs_loss",
@@ -450,10 +452,60 @@ class KappaSelection:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Table1Samples:
+    """Which samples of a split a Table 1 quantity was measured on: ``split`` of data set ``data``, and when a
+    subset, its ``indices`` into the split — the first ``len(indices)`` of ``torch.randperm`` with a generator
+    seeded with ``seed``, as :meth:`~gmix_curvature.data.ArrayDataset.subset` draws them; None: the whole split.
+
+    >>> s = Table1Samples("digits", "test", 0, (3, 1, 4))
+    >>> len(s.load()), s.load().y.tolist() == load_dataset("digits", "test").y[[3, 1, 4]].tolist()
+    (3, True)
+    """
+
+    data: str
+    split: str
+    seed: int
+    indices: tuple[int, ...] | None
+
+    @classmethod
+    def draw(cls, data: str, split: str, size: int, n: int | None, seed: int) -> Table1Samples:
+        """The selection of ``n`` of a split of ``size`` samples (all of it when ``n`` is None or ≥ ``size``)."""
+        if n is None or n >= size:
+            return cls(data, split, seed, None)
+        return cls(data, split, seed, tuple(torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+                                            .tolist()))
+
+    def select(self, ds: Any) -> Any:
+        """These samples of ``ds``, the loaded split (an :class:`~gmix_curvature.data.ArrayDataset`)."""
+        if self.indices is None:
+            return ds
+        if self.indices and max(self.indices) >= len(ds):
+            raise GmixError(f"{self.data}/{self.split} has {len(ds)} samples, but the table measured index "
+                            f"{max(self.indices)}: not the split the table was run on")
+        idx = torch.tensor(self.indices, dtype=torch.long)
+        return dataclasses.replace(ds, x=ds.x[idx], y=ds.y[idx])
+
+    def load(self, data_dir: str | None = None) -> Any:
+        """Load the split (``data_dir`` for CIFAR) and return these samples of it."""
+        return self.select(load_dataset(self.data, self.split, data_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"data": self.data, "split": self.split, "seed": self.seed,
+                "indices": None if self.indices is None else list(self.indices)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Table1Samples:
+        idx = d.get("indices")
+        return cls(str(d["data"]), str(d["split"]), int(d["seed"]), None if idx is None else tuple(int(i) for i in idx))
+
+
 @dataclass
 class Table1Result:
     """What :func:`run_table1` produced: the preset, κ (r per noise kind, and the sweep if one ran), every run,
-    the summary rows, the matched training loss L* and where the outputs are."""
+    the summary rows, the matched training loss L*, where the outputs are, and which samples were measured:
+    ``samples["measure"]`` (the curvature columns) and ``samples["eigen"]`` (λ_max), as :class:`Table1Samples`
+    — :meth:`measure_data` and :meth:`eigen_data` load them back (``data_dir``: where the run found CIFAR)."""
 
     preset: Table1Preset
     kappa_ratios: dict[str, float]
@@ -466,6 +518,17 @@ class Table1Result:
     out: Path | None = None
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    samples: dict[str, Table1Samples] = field(default_factory=dict)
+    data_dir: str | None = None
+
+    def measure_data(self, data_dir: str | None = None) -> Any:
+        """The samples the curvature columns were measured on (Tr(G), EF, Hessian, SI sharpness, accuracy), as a
+        data set: the same inputs and labels, in the same order. ``data_dir`` defaults to the run's."""
+        return table1_data(self, "measure", data_dir=data_dir)
+
+    def eigen_data(self, data_dir: str | None = None) -> Any:
+        """The training samples λ_max of G and of the Hessian were measured on, as :meth:`measure_data`."""
+        return table1_data(self, "eigen", data_dir=data_dir)
 
     def row(self, method: str) -> Table1Row:
         for r in self.rows:
@@ -487,6 +550,8 @@ class Table1Result:
             "runs": [r.to_dict() for r in self.runs],
             "seconds": self.seconds,
             "files": self.files,
+            "samples": {k: v.to_dict() for k, v in self.samples.items()},
+            "data_dir": self.data_dir,
         }
 
     def format_table(self) -> str:
@@ -550,10 +615,34 @@ class Table1Result:
 # --------------------------------------------------------------------------------------------- measurement
 
 
-def _subset(ds: Any, n: int | None, seed: int) -> Any:
-    if n is None or n >= len(ds):
-        return ds
-    return ds.subset(n, torch.Generator().manual_seed(seed))
+def table1_data(
+    source: Table1Result | Mapping[str, Any] | str | Path, which: str = "measure", *, data_dir: str | None = None
+) -> Any:
+    """The samples a Table 1 run measured, loaded again: ``which`` = ``"measure"`` (the curvature columns, on the
+    preset's measure split) or ``"eigen"`` (λ_max, on the training split). ``source`` is a :class:`Table1Result`,
+    the dict of its ``table1.json``, or that file's path; ``data_dir`` defaults to the run's.
+
+    >>> saved = {"samples": {"measure": {"data": "digits", "split": "test", "seed": 0, "indices": [5, 2]}}}
+    >>> ds = table1_data(saved)
+    >>> len(ds), ds.y.tolist() == load_dataset("digits", "test").y[[5, 2]].tolist()
+    (2, True)
+    """
+    if isinstance(source, Table1Result):
+        samples, run_dir = source.samples, source.data_dir
+    else:
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist (expected a table1.json written by gmix table1)")
+            source = json.loads(path.read_text())
+        if not isinstance(source.get("samples"), Mapping):
+            raise GmixError("this Table 1 record has no 'samples': it was written before the measured samples were "
+                            "recorded; run gmix table1 again (finished runs are reused)")
+        samples = {k: Table1Samples.from_dict(v) for k, v in source["samples"].items()}
+        run_dir = source.get("data_dir")
+    if which not in samples:
+        raise GmixError(f"unknown samples {which!r}; valid: {', '.join(samples) or 'none recorded'}")
+    return samples[which].load(data_dir if data_dir is not None else run_dir)
 
 
 def measure_run(
@@ -923,8 +1012,13 @@ def run_table1(
     test_ds = load_dataset(data, p.train.get("eval_split", "test"), data_dir)
     measure_ds = test_ds if p.measure_split == p.train.get("eval_split", "test") else load_dataset(
         data, p.measure_split, data_dir)
-    measure_ds = _subset(measure_ds, p.measure_samples, 0)
-    eigen_ds = _subset(train_ds, p.eigen_samples or None, 1)
+    samples = {  # seeds 0 and 1: the draws the tables of earlier versions measured on
+        "measure": Table1Samples.draw(data, p.measure_split, len(measure_ds), p.measure_samples, 0),
+        "eigen": Table1Samples.draw(data, p.train.get("train_split", "train"), len(train_ds), p.eigen_samples or None,
+                                    1),
+    }
+    measure_ds = samples["measure"].select(measure_ds)
+    eigen_ds = samples["eigen"].select(train_ds)
     ctx = init_distributed(device)
     root = Path(out) if out is not None else None
     if root is not None and ctx.is_main:
@@ -990,7 +1084,8 @@ def run_table1(
     )
     result = Table1Result(
         preset=p, kappa_ratios=ratios, selection=selection, runs=runs, rows=rows, matched_loss=level,
-        momentum=float(first.momentum), optimizer=first.optimizer, out=root,
+        momentum=float(first.momentum), optimizer=first.optimizer, out=root, samples=samples,
+        data_dir=None if data_dir is None else str(data_dir),
     )
     result.seconds = time.perf_counter() - start
     if root is not None and ctx.is_main:

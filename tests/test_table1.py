@@ -15,20 +15,26 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
+from gmix_curvature.checkpoint import load_checkpoint
 from gmix_curvature.cli import main
+from gmix_curvature.curvature import ggn_trace
+from gmix_curvature.data import load_dataset
 from gmix_curvature.errors import GmixError
 from gmix_curvature.table1 import (
     PAPER_TABLE1,
     TABLE1_METHODS,
     RunRecord,
+    Table1Samples,
     matched_loss_trace,
     plot_table1,
     plot_trace_vs_loss,
     run_table1,
     stability_threshold,
     summarise,
+    table1_data,
     table1_preset,
     welch_p_value,
 )
@@ -220,6 +226,46 @@ def test_micro_pipeline_columns_of_issue_10(micro):
         assert m["lambda_max_ggn"] > 0 and math.isfinite(m["lambda_max_hessian"]) and m["train_loss"] > 0
         assert m["si_sharpness"] > 0 and math.isfinite(m["ggn_trace_matched"])
     assert result.matched_loss is not None and result.matched_loss > 0
+
+
+def test_measured_samples_are_recorded_and_load_back(micro):
+    result, out = micro
+    preset = table1_preset("micro")
+    measure, eigen = result.samples["measure"], result.samples["eigen"]
+    assert (measure.data, measure.split, eigen.split) == ("digits", preset.measure_split, "train")
+    assert len(set(measure.indices)) == len(measure.indices) == preset.measure_samples
+    assert len(set(eigen.indices)) == len(eigen.indices) == preset.eigen_samples
+    # the draw ArrayDataset.subset makes from a generator seeded with 0 (1 for λ_max), as the table always did
+    for got, split, n, seed in ((result.measure_data(), "test", preset.measure_samples, 0),
+                                (result.eigen_data(), "train", preset.eigen_samples, 1)):
+        ref = load_dataset("digits", split).subset(n, torch.Generator().manual_seed(seed))
+        assert torch.equal(got.x, ref.x) and torch.equal(got.y, ref.y)
+    # the JSON holds them too, and gives the same data back
+    saved = json.loads((out / "table1.json").read_text())
+    assert saved["samples"]["measure"]["indices"] == list(measure.indices)
+    for which in ("measure", "eigen"):
+        a, b = table1_data(out / "table1.json", which), table1_data(result, which)
+        assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    # re-measured in float64 on these samples, a checkpoint gives the table's Tr(G) (measured in float32)
+    run = result.runs[0]
+    model, _ = load_checkpoint(run.out)
+    x, y = result.measure_data().tensors()
+    again = ggn_trace(model.double().eval(), (x.double(), y), "exact").value
+    assert again == pytest.approx(run.metrics["ggn_trace"], rel=1e-4)
+
+
+def test_table1_data_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
+        table1_data(tmp_path / "nope.json")
+    with pytest.raises(GmixError, match="has no 'samples': it was written before"):
+        table1_data({"rows": []})
+    saved = {"samples": {"measure": {"data": "digits", "split": "test", "seed": 0, "indices": [0, 1]}}}
+    with pytest.raises(GmixError, match="unknown samples 'eigen'; valid: measure"):
+        table1_data(saved, "eigen")
+    with pytest.raises(GmixError, match="digits/test has 360 samples, but the table measured index 360"):
+        Table1Samples("digits", "test", 0, (0, 360)).load()
+    assert Table1Samples.draw("digits", "test", 360, None, 0).indices is None
+    assert Table1Samples.draw("digits", "test", 360, 400, 0).load().x.shape[0] == 360
 
 
 def _without(record, key):
