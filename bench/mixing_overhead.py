@@ -10,7 +10,7 @@ data, CPU, float32, for:
 
 The methods run interleaved (A B C D A B C D …) so a drifting machine affects all alike; the table shows
 each method's median step time and the median of its per-rep ratio to ``plain``. Peak memory is measured per method
-in a fresh subprocess: the process's maximum resident set size (torch itself included, the same for every method).
+in a fresh subprocess: its peak resident set size (VmHWM; torch itself included, the same for every method).
 
     python bench/mixing_overhead.py [--width 64] [--batch 64] [--reps 7]
 """
@@ -104,11 +104,13 @@ def make_step(method: str, width: int, batch: int):
 def memory_of(method: str, width: int, batch: int, steps: int = 2) -> float:
     """Peak resident memory (MB) of a fresh process that builds one method and runs ``steps`` steps."""
     code = (
-        "import resource, json, sys; sys.path.insert(0, 'bench');"
+        "import json, sys; sys.path.insert(0, 'bench');"
         "from mixing_overhead import make_step;"
         f"s = make_step({method!r}, {width}, {batch});"
         f"[s() for _ in range({steps})];"
-        "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork and exec
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+        "print(json.dumps(int(hwm) / 1024))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
