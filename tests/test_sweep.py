@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from types import SimpleNamespace
 
 import pandas as pd
@@ -43,27 +42,6 @@ class FakeTrain:
         self.calls.append((config, resume))
         acc = config.batch_size / 100 + (0.01 if config.noise != "none" else 0) + config.seed / 1000
         return SimpleNamespace(steps=config.steps, final={"test_acc": acc, "test_loss": float("nan")})
-
-
-@contextlib.contextmanager
-def _matplotlib_state_kept():
-    """The caller's matplotlib as a notebook has it — a backend other than Agg (svg here), a figure of its own
-    open — must come out of the block unchanged: same backend, same rcParams, same pyplot figures."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    old = matplotlib.get_backend()
-    plt.switch_backend("svg")
-    try:
-        mine = plt.figure()
-        rc = dict(matplotlib.rcParams)
-        yield
-        assert matplotlib.get_backend() == "svg"
-        assert dict(matplotlib.rcParams) == rc
-        assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
-    finally:
-        plt.close("all")
-        plt.switch_backend(old)
 
 
 def test_grid_cells_product_and_coupled_values():
@@ -147,13 +125,13 @@ def test_cli_sweep(tmp_path, capsys):
     assert "unknown configuration keys: batchsize" in capsys.readouterr().err
 
 
-def test_plot_sweep_leaves_matplotlib_alone(tmp_path):
+def test_plot_sweep_leaves_matplotlib_alone(tmp_path, matplotlib_state_kept):
     rows = [{"cell": f"c{i}", "optimizer": opt, "noise": noise, "batch_size": b, "seed": seed,
              "test_acc": 0.5 + b / 1000 + seed / 100}
             for i, (opt, noise, b, seed) in enumerate(
                 (o, n, b, s) for o in ("sgd", "lars") for n in ("none", "gaussian") for b in (32, 64) for s in (0, 1))]
     pd.DataFrame(rows).to_csv(tmp_path / "results.csv", index=False)
-    with _matplotlib_state_kept():
+    with matplotlib_state_kept():
         path = plot_sweep(tmp_path / "results.csv", tmp_path / "figure.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(GmixError, match="has no column 'val_acc'"):

@@ -5,7 +5,6 @@ and one-line errors for bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
@@ -272,31 +271,10 @@ def _without(record, key):
     return {k: v for k, v in record.items() if k != key}
 
 
-@contextlib.contextmanager
-def _matplotlib_state_kept():
-    """The caller's matplotlib as a notebook has it — a backend other than Agg (svg here), a figure of its own
-    open — must come out of the block unchanged: same backend, same rcParams, same pyplot figures."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    old = matplotlib.get_backend()
-    plt.switch_backend("svg")
-    try:
-        mine = plt.figure()
-        rc = dict(matplotlib.rcParams)
-        yield
-        assert matplotlib.get_backend() == "svg"
-        assert dict(matplotlib.rcParams) == rc
-        assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
-    finally:
-        plt.close("all")
-        plt.switch_backend(old)
-
-
-def test_figures_leave_matplotlib_alone(micro, tmp_path):
+def test_figures_leave_matplotlib_alone(micro, tmp_path, matplotlib_state_kept):
     """After run_table1 a notebook's own plots must still show: no backend switch, no pyplot state, no rcParams."""
     result, _ = micro
-    with _matplotlib_state_kept():
+    with matplotlib_state_kept():
         files = [plot_table1(result, tmp_path / "t.png"), plot_trace_vs_loss(result, tmp_path / "v.png")]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 

@@ -1,7 +1,6 @@
 """The simulation suite of ``gmix theory``: its verdicts (micro preset, through the CLI), its simulators
 against the exact recursion, and its command-line errors."""
 
-import contextlib
 import dataclasses
 import itertools
 import json
@@ -132,31 +131,10 @@ def test_micro_hutchinson_slip_is_resolvable_and_refuted(micro):
     assert row["detail"]["gap"] == pytest.approx(micro[1]["tables"]["models"][0]["grad_norm_sq"], rel=1e-9)
 
 
-@contextlib.contextmanager
-def _matplotlib_state_kept():
-    """The caller's matplotlib as a notebook has it — a backend other than Agg (svg here), a figure of its own
-    open — must come out of the block unchanged: same backend, same rcParams, same pyplot figures."""
-    import matplotlib
-    import matplotlib.pyplot as plt
-
-    old = matplotlib.get_backend()
-    plt.switch_backend("svg")
-    try:
-        mine = plt.figure()
-        rc = dict(matplotlib.rcParams)
-        yield
-        assert matplotlib.get_backend() == "svg"
-        assert dict(matplotlib.rcParams) == rc
-        assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
-    finally:
-        plt.close("all")
-        plt.switch_backend(old)
-
-
-def test_plot_report_leaves_matplotlib_alone(micro, tmp_path):
+def test_plot_report_leaves_matplotlib_alone(micro, tmp_path, matplotlib_state_kept):
     report = micro[1]
     rebuilt = TheoryReport(report["preset"], report["seed"], [], report["tables"], {})
-    with _matplotlib_state_kept():
+    with matplotlib_state_kept():
         files = plot_report(rebuilt, tmp_path)
     assert [f.name for f in files] == ["second_moment.png", "theorem1_grid.png", "exponents.png", "critical_batch.png"]
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
