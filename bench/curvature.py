@@ -15,6 +15,9 @@ Parts (each prints a table):
      budget of --matvecs GGN-vector products; time to 1 % at the best budget (and, optimistically, assuming
      the spread falls as 1/products)
   d  the best stochastic estimator to 1 % vs exact (the goal is set with a 100-class head)
+  u  unit costs interleaved (a ratio the load drifts less): one fisher_is pass vs one PyHessian probe (a
+     Hessian-vector product) vs one GGN-vector product of the GGNLinearOperator (a product of --unit-columns
+     columns at once, as in xtrace's two products), alternated --unit-repeats times
   e  one per-sample-norm pass by backend: layer rules (ghost/materialise chosen per layer, or forced),
      torch.func, BackPACK BatchL2Grad
 A summary table closes (b)-(d): each estimator's time to 1 % and its ratio to PyHessian, xtrace and exact.
@@ -286,6 +289,26 @@ def summary(nets, rows, exact, xt):
                   f"{exact[name][1] / t1:>8.1f}x")  # fmt: skip
 
 
+def part_u(net, x, y, batch, columns, repeats):
+    from curvlinops import GGNLinearOperator
+
+    print(f"\n(u) unit costs, alternated {repeats} times: one fisher_is pass vs one PyHessian probe vs one "
+          f"GGN-vector product (products of {columns} columns at once)")  # fmt: skip
+    data = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(y), batch)]
+    op = GGNLinearOperator(net, nn.CrossEntropyLoss(), list(net.parameters()), data, check_deterministic=False)
+    op @ torch.ones(op.shape[1], 2)  # warm-up
+    g = torch.Generator().manual_seed(0)
+    for _ in range(repeats):
+        sec_pass = per_pass(net, x, y, "fisher_is", 2, batch)[0]
+        sec_ph = pyhessian_pass(net, x, y, 2, batch)[0]
+        start = time.perf_counter()
+        op @ torch.randn(op.shape[1], columns, generator=g)
+        sec_prod = (time.perf_counter() - start) / columns
+        print(f"fisher_is {sec_pass:.2f} s/pass, PyHessian {sec_ph:.2f} s/probe, GGN product {sec_prod:.2f} s: "
+              f"one PyHessian probe = {sec_ph / sec_pass:.2f} passes, one GGN product = {sec_prod / sec_pass:.2f} "
+              "passes", flush=True)  # fmt: skip
+
+
 def part_e(net, x, y, batch):
     print("\n(e) one per-sample-norm pass (forward + one backward + norms) by backend")
     print(f"{'backend':<28} {'seconds':>8}")
@@ -330,7 +353,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--matvecs", default="6,24,48,96", help="xtrace budgets: GGN-vector products a call")
     ap.add_argument("--repeats", type=int, default=3, help="xtrace calls at each budget")
-    ap.add_argument("--parts", default="abcde")
+    ap.add_argument("--parts", default="abcdue")
+    ap.add_argument("--unit-columns", type=int, default=24)
+    ap.add_argument("--unit-repeats", type=int, default=2)
     ap.add_argument("--scaled-head", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -376,6 +401,9 @@ def main() -> None:
         part_d(nets, args.batch, rows, exact, args.auto)
     if rows:
         summary(nets, rows, exact, xt)
+    if "u" in args.parts:
+        x10, y10 = make_data(args.samples, 10)
+        part_u(calibrate(make_net(10, args.width), x10), x10, y10, args.batch, args.unit_columns, args.unit_repeats)
     if "e" in args.parts:
         x10, y10 = make_data(args.samples, 10)
         part_e(calibrate(make_net(10, args.width), x10), x10, y10, args.batch)
