@@ -2,7 +2,9 @@
 
 ``imagenet`` (Section 5.3): an ImageFolder directory, ``DATA_DIR/train/<class>/<image>`` and
 ``DATA_DIR/val/<class>/<image>`` (``test`` reads ``val``); the classes are the sorted folder names of
-``train``. Images are decoded on demand. Training batches get the standard Inception-style augmentation
+``train``. Images are decoded on demand, by a pool of threads (``workers``; PIL and torch release the GIL while
+they decode and resize), the random crops drawn beforehand in the batch's order so that a batch depends on the
+generator alone, never on the number of threads. Training batches get the standard Inception-style augmentation
 (random resized crop, scale 0.08–1, aspect 3/4–4/3, to 224×224 and a horizontal flip with probability
 1/2), drawn from the ``torch.Generator`` given to :meth:`ImageFolderDataset.get_batch`; evaluation
 batches are resized to 256 on the short side and centre-cropped to 224. Then ImageNet normalisation.
@@ -26,6 +28,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -109,8 +112,12 @@ class ImageFolderDataset:
         image_size: int = 224,
         resize_size: int = 256,
         name: str = "imagenet",
+        workers: int | None = None,
     ) -> None:
         root = Path(root)
+        self.workers = int(workers) if workers is not None else min(8, os.cpu_count() or 1)
+        if self.workers < 1:
+            raise ValueError(f"{name}: workers must be at least 1, not {workers}")
         if not root.is_dir():
             raise FileNotFoundError(f"{name}: missing image folder {root}")
         self.name, self.root, self.image_size, self.resize_size = name, root, int(image_size), int(resize_size)
@@ -139,35 +146,54 @@ class ImageFolderDataset:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.image_size, self.image_size)
 
-    def _load(self, path: Path) -> torch.Tensor:
+    def _open(self, path: Path):
         from PIL import Image, UnidentifiedImageError
-        from torchvision.transforms.functional import pil_to_tensor
 
         try:
-            with Image.open(path) as img:
-                return pil_to_tensor(img.convert("RGB"))
+            return Image.open(path)
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"{self.name}: cannot read image {path} ({exc.__class__.__name__})") from None
 
-    def _transform(self, img: torch.Tensor, generator: torch.Generator | None, train: bool) -> torch.Tensor:
-        import torchvision.transforms.functional as TF
+    def _plan(self, path: Path, generator: torch.Generator | None) -> tuple[tuple[int, int, int, int], bool]:
+        """The random crop box and flip of one training image, from its header's size (no decoding)."""
+        with self._open(path) as img:
+            width, height = img.size
+        box = random_resized_crop_box(height, width, generator)
+        return box, float(torch.rand(1, generator=generator)) < 0.5
 
+    def _decode(self, path: Path, plan: tuple[tuple[int, int, int, int], bool] | None) -> torch.Tensor:
+        """Decode one image and apply its training plan (crop box, flip) or the evaluation transform."""
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms.functional import pil_to_tensor
+
+        try:
+            with self._open(path) as img:
+                x = pil_to_tensor(img.convert("RGB"))
+        except OSError as exc:  # a truncated file fails at decoding, after its header was read
+            raise ValueError(f"{self.name}: cannot read image {path} ({exc.__class__.__name__})") from None
         size = [self.image_size, self.image_size]
-        if train:
-            top, left, h, w = random_resized_crop_box(img.shape[1], img.shape[2], generator)
-            img = TF.resized_crop(img, top, left, h, w, size, antialias=True)
-            if float(torch.rand(1, generator=generator)) < 0.5:
-                img = img.flip(-1)
-        else:
-            img = TF.center_crop(TF.resize(img, [self.resize_size], antialias=True), size)
-        return img
+        if plan is None:
+            return TF.center_crop(TF.resize(x, [self.resize_size], antialias=True), size)
+        (top, left, h, w), flip = plan
+        x = TF.resized_crop(x, top, left, h, w, size, antialias=True)
+        return x.flip(-1) if flip else x
 
     def get_batch(
         self, indices: torch.Tensor, generator: torch.Generator | None = None, *, train: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded, (augmented,) normalised images (B, 3, S, S) and their labels (B,)."""
+        """Decoded, (augmented,) normalised images (B, 3, S, S) and their labels (B,).
+
+        The augmentation of every image is drawn from ``generator`` first, in the batch's order; then
+        ``workers`` threads decode, so the batch is the same for any number of workers.
+        """
         indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1)
-        imgs = [self._transform(self._load(self.samples[int(i)][0]), generator, train) for i in indices]
+        paths = [self.samples[int(i)][0] for i in indices]
+        plans = [self._plan(p, generator) for p in paths] if train else [None] * len(paths)
+        if self.workers > 1 and len(paths) > 1:
+            with ThreadPoolExecutor(min(self.workers, len(paths))) as pool:
+                imgs = list(pool.map(self._decode, paths, plans))
+        else:
+            imgs = [self._decode(p, plan) for p, plan in zip(paths, plans)]
         x = torch.stack(imgs).to(torch.float32) / 255.0
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -178,8 +204,11 @@ class ImageFolderDataset:
         return self.get_batch(torch.arange(len(self)))
 
 
-def load_imagenet(split: str, data_dir: str | os.PathLike | None, *, image_size: int = 224) -> ImageFolderDataset:
-    """ImageNet (or any ImageFolder tree with ``train`` and ``val``) from ``data_dir``.
+def load_imagenet(
+    split: str, data_dir: str | os.PathLike | None, *, image_size: int = 224, workers: int | None = None
+) -> ImageFolderDataset:
+    """ImageNet (or any ImageFolder tree with ``train`` and ``val``) from ``data_dir``; ``workers`` decoding
+    threads (default: the CPU count, at most 8).
 
     >>> load_imagenet("train", None)
     Traceback (most recent call last):
@@ -192,7 +221,7 @@ def load_imagenet(split: str, data_dir: str | os.PathLike | None, *, image_size:
         raise ValueError(f"imagenet has splits train, val and test (= val), not {split!r}")
     train_dir = root / "train"
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir()) if train_dir.is_dir() else None
-    return ImageFolderDataset(root / folders[split], classes=classes, image_size=image_size)
+    return ImageFolderDataset(root / folders[split], classes=classes, image_size=image_size, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------- Multi30k

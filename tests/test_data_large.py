@@ -50,6 +50,22 @@ def test_imagefolder_augmentation_follows_the_generator(imagenet_dir):
     assert torch.equal(before, torch.get_rng_state())  # the global RNG is never touched
 
 
+def test_imagefolder_batch_is_independent_of_the_decoding_threads(tmp_path):
+    root = write_imagefolder(tmp_path / "imagenet", per_class=(6, 2), size=(40, 52))
+    idx = torch.tensor([3, 0, 17, 8, 8, 11, 5])
+    for train in (True, False):
+        batches = [
+            load_imagenet("train", root, image_size=24, workers=w).get_batch(
+                idx, torch.Generator().manual_seed(4), train=train
+            )
+            for w in (1, 3, 8)
+        ]
+        for x, y in batches[1:]:
+            assert torch.equal(x, batches[0][0]) and torch.equal(y, batches[0][1])
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        load_imagenet("train", root, workers=0)
+
+
 def test_random_resized_crop_box_stays_in_bounds():
     g = torch.Generator().manual_seed(0)
     for h, w in [(20, 28), (100, 30), (7, 200), (224, 224)]:
