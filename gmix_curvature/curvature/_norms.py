@@ -32,7 +32,7 @@ BACKENDS = ("auto", "hooks", "func")
 _UNFOLD_BUDGET = 2**25  # elements of an unfolded input chunk
 # Unfolded conv inputs kept between the backward passes of one forward pass (exact's C classes, the
 # probes of a stochastic method) up to this many elements; beyond it they are recomputed each pass.
-CACHE_BUDGET = 2**27
+CACHE_BUDGET = 2**26
 
 
 def _hookable(m: nn.Module) -> bool:
