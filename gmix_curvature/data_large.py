@@ -104,6 +104,8 @@ class ImageFolderDataset:
     ``classes`` fixes the label order (the train split's, so that val labels agree).
     """
 
+    prefetch = True  # the training loop decodes the next micro-batch while the current one computes
+
     def __init__(
         self,
         root: str | os.PathLike,

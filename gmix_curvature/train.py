@@ -27,7 +27,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,16 @@ from gmix_curvature.errors import CheckpointError, GmixError, TrainingDiverged
 from gmix_curvature.mixing import expand_group_weights
 from gmix_curvature.optim import optimizer_from_config, schedule_from_config
 
-__all__ = ["TrainConfig", "TrainResult", "train", "resolve_config", "evaluate", "EpochSampler", "Recorder"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "resolve_config",
+    "evaluate",
+    "EpochSampler",
+    "Recorder",
+    "micro_batches",
+]
 
 
 @dataclass
@@ -353,6 +363,32 @@ def _set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gene
         g.set_state(state[f"gen_{name}"])
 
 
+def micro_batches(
+    dataset: Any, indices: torch.Tensor, chunks: tuple[torch.Tensor, ...], generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The training micro-batches ``dataset.get_batch(indices[chunk], generator, train=True)`` of one step, in
+    order. A data set that decodes from disk (``prefetch = True``, e.g. ImageNet) gets the next micro-batch
+    decoded by a background thread while the current one computes; the calls still run one at a time and in
+    order, so the generator's draws, and the batches, are those of the plain loop.
+
+    >>> from gmix_curvature.data import load_dataset
+    >>> ds = load_dataset("digits", "train")
+    >>> [x.shape[0] for x, _ in micro_batches(ds, torch.arange(10), torch.arange(10).split(4), torch.Generator())]
+    [4, 4, 2]
+    """
+    if not getattr(dataset, "prefetch", False) or len(chunks) < 2:
+        for chunk in chunks:
+            yield dataset.get_batch(indices[chunk], generator, train=True)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="gmix-prefetch") as pool:
+        ahead = pool.submit(dataset.get_batch, indices[chunks[0]], generator, train=True)
+        for nxt in chunks[1:]:
+            batch = ahead.result()
+            ahead = pool.submit(dataset.get_batch, indices[nxt], generator, train=True)
+            yield batch
+        yield ahead.result()
+
+
 def _configure_model(model: nn.Module, config: TrainConfig) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -545,8 +581,7 @@ def _train(
         loss_scale = ctx.world_size if not use_hook else 1.0
         loss_sum = mixed_sum = correct_sum = count_sum = 0.0
         chunks = positions.split(b)
-        for i, chunk in enumerate(chunks):
-            x, y = train_ds.get_batch(indices[chunk], aug_gen, train=True)
+        for i, (chunk, (x, y)) in enumerate(zip(chunks, micro_batches(train_ds, indices, chunks, aug_gen))):
             x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
             y = y.to(device)
             sync = nullcontext() if (i == len(chunks) - 1 or not ctx.enabled) else net.no_sync()

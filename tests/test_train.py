@@ -196,6 +196,39 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         train(cfg, resume=True)
 
 
+class _Decoding:
+    """A data set whose training batches draw from the generator (like decoding with augmentation) and that
+    records the threads it ran on."""
+
+    def __init__(self, base, prefetch):
+        self.base, self.prefetch, self.threads = base, prefetch, set()
+        self.num_classes, self.input_shape, self.name = base.num_classes, base.input_shape, "decoding"
+
+    def __len__(self):
+        return len(self.base)
+
+    def get_batch(self, idx, generator=None, *, train=False):
+        import threading
+
+        self.threads.add(threading.get_ident())
+        x, y = self.base.get_batch(idx)
+        if train:
+            x = x + 0.1 * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        return x, y
+
+
+def test_prefetched_micro_batches_give_the_same_run():
+    import threading
+
+    runs = {}
+    for prefetch in (False, True):
+        ds = _Decoding(_toy(), prefetch)
+        cfg = _mlp_config(batch_size=24, micro_batch_size=5, steps=3, noise="gaussian", kappa_ratio=1.0)
+        runs[prefetch] = (_params(train(cfg, datasets=(ds, _toy(12, seed=1))).model), ds.threads)
+    assert torch.equal(runs[False][0], runs[True][0])
+    assert runs[False][1] == {threading.get_ident()} and runs[True][1] - {threading.get_ident()}
+
+
 def test_train_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     train(TrainConfig(steps=1, batch_size=64, progress=False, device="cpu", noise="gaussian", kappa=0.01))
