@@ -28,13 +28,14 @@ Under ``torchrun`` every rank trains and measures (the estimators shard the data
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -114,7 +115,10 @@ class Table1Preset:
     ``eigen_samples`` of it (0: not measured); the Hessian trace with ``hessian_probes`` Rademacher probes
     (0: not measured); in ``measure_dtype``. Along training, ``trace_points`` records per run on
     ``trace_samples`` training images (0: none). ``methods`` names the rows run (keys of
-    :data:`TABLE1_METHODS`).
+    :data:`TABLE1_METHODS`). ``threads`` pins torch's intra-op CPU threads for the whole run (restored
+    after; None: torch's default): float reductions are summed in an order that depends on the thread count,
+    and a 60-epoch run amplifies the last bit into a different network, so only a pinned count makes the
+    table a function of the preset, the seeds and the machine.
     """
 
     name: str
@@ -138,6 +142,7 @@ class Table1Preset:
     trace_samples: int = 256
     needs_data_dir: bool = False
     methods: tuple[str, ...] = ("small_batch", "baseline", "gaussian", "rademacher")
+    threads: int | None = None
     notes: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,7 +191,9 @@ TABLE1_PRESETS: Mapping[str, Table1Preset] = MappingProxyType(
             measure_dtype="float32",
             trace_points=12,
             trace_samples=256,
-            notes="batch 512 is 36 % of the training set per step (8192 is 16 % of CIFAR-10's); see theory/TABLE1.md",
+            threads=1,
+            notes="batch 512 is 36 % of the training set per step (8192 is 16 % of CIFAR-10's); one CPU thread, so "
+            "that the table does not depend on the machine's core count; see theory/TABLE1.md",
         ),
         "paper": Table1Preset(
             name="paper",
@@ -239,6 +246,7 @@ TABLE1_PRESETS: Mapping[str, Table1Preset] = MappingProxyType(
             measure_dtype="float32",
             trace_points=1,
             trace_samples=32,
+            threads=1,
         ),
     }
 )
@@ -917,6 +925,11 @@ def select_kappa(
     p = table1_preset(preset)
     if not p.kappa_sweep:
         raise GmixError(f"preset {p.name!r} has no kappa sweep; give kappa or kappa_ratio")
+    with cpu_threads(p.threads):
+        return _select_kappa(p, noises, out, data_dir, max_steps, device, progress, log)
+
+
+def _select_kappa(p, noises, out, data_dir, max_steps, device, progress, log) -> KappaSelection:
     data = p.train.get("data", "digits")
     fit, val = (load_dataset(data, s, data_dir) for s in p.select_splits)
     ctx = init_distributed(device)
@@ -953,6 +966,30 @@ def select_kappa(
                           chosen)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` and restore the previous count (None or 0: unchanged).
+
+    >>> before = torch.get_num_threads()
+    >>> with cpu_threads(1):
+    ...     torch.get_num_threads()
+    1
+    >>> torch.get_num_threads() == before
+    True
+    """
+    if not n:
+        yield
+        return
+    if not isinstance(n, int) or n < 0:
+        raise GmixError(f"threads must be an integer >= 0, got {n!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_table1(
     preset: str | Table1Preset = "tiny",
     *,
@@ -966,6 +1003,7 @@ def run_table1(
     progress: bool = False,
     plot: bool = True,
     log: Callable[[str], None] | None = None,
+    threads: int | None = None,
 ) -> Table1Result:
     """Run Table 1 end to end (see the module docstring) and return a :class:`Table1Result`.
 
@@ -976,14 +1014,22 @@ def run_table1(
     to it; for smoke tests). With ``out``, runs go to ``OUT/<method>-seed<seed>/`` (checkpoint, config,
     metrics), the sweep to ``OUT/select/``, and the tables, JSON, CSV and figures to ``OUT``
     (:func:`write_table1`); a run whose checkpoint is there continues from it (a finished one is reused).
+    ``threads`` overrides the preset's pinned CPU thread count (0: torch's default; see :class:`Table1Preset`).
 
     >>> quick = dataclasses.replace(table1_preset("micro"), methods=("baseline", "gaussian"), trace_points=0, seeds=1)
     >>> res = run_table1(quick, kappa_ratio=1.0)
     >>> [r.method for r in res.rows], res.row("gaussian").kappa_ratio, res.runs[1].kappa  # κ = r / B, B = 64
     (['baseline', 'gaussian'], 1.0, 0.015625)
     """
-    start = time.perf_counter()
     p = table1_preset(preset)
+    if threads is not None:
+        p = dataclasses.replace(p, threads=threads)
+    with cpu_threads(p.threads):
+        return _run_table1(p, seeds, kappa, kappa_ratio, out, data_dir, max_steps, device, progress, plot, log)
+
+
+def _run_table1(p, seeds, kappa, kappa_ratio, out, data_dir, max_steps, device, progress, plot, log) -> Table1Result:
+    start = time.perf_counter()
     n_seeds = p.seeds if seeds is None else seeds
     if not isinstance(n_seeds, int) or n_seeds < 1:
         raise GmixError(f"seeds must be an integer >= 1, got {n_seeds!r}")

@@ -159,12 +159,27 @@ def test_presets_describe_the_paper_and_the_tiny_setting():
         ({"kappa": -1.0}, "kappa must be > 0"),
         ({"seeds": 0}, "seeds must be an integer >= 1"),
         ({"max_steps": 0, "kappa_ratio": 1.0}, "max_steps must be >= 1"),
+        ({"threads": -1}, "threads must be an integer >= 0"),
     ],
-    ids=["both-kappas", "negative-kappa", "no-seeds", "zero-steps"],
+    ids=["both-kappas", "negative-kappa", "no-seeds", "zero-steps", "negative-threads"],
 )
 def test_run_table1_rejects_bad_arguments(kwargs, match):
     with pytest.raises(GmixError, match=match):
         run_table1("micro", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "preset,threads,expected",
+    [("tiny", None, 1), ("micro", None, 1), ("tiny", 2, 2), ("tiny", 0, "default"), ("paper", None, "default")],
+)
+def test_table1_runs_under_the_pinned_thread_count_and_restores_it(monkeypatch, preset, threads, expected):
+    import gmix_curvature.table1 as table1
+
+    seen = []
+    monkeypatch.setattr(table1, "_run_table1", lambda p, *args: seen.append(torch.get_num_threads()) or "result")
+    before = torch.get_num_threads()
+    assert run_table1(preset, threads=threads) == "result"
+    assert seen == [before if expected == "default" else expected] and torch.get_num_threads() == before
 
 
 # ---------------------------------------------------------------------------------- end to end

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="directory holding the CIFAR python files (paper preset)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every run at N optimizer steps (smoke tests)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the runs (default: the preset's; "
+                   "tiny pins 1 so that its table does not depend on the core count; 0: torch's default)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the figures")
     p.add_argument("--progress", action="store_true", help="progress bars for the training runs")
     p.add_argument("--quiet", action="store_true", help="no per-run log lines on stderr")
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_table1(
         args.preset, seeds=args.seeds, kappa=args.kappa, kappa_ratio=args.kappa_ratio, out=args.out,
         data_dir=args.data_dir, max_steps=args.max_steps, device=args.device, progress=args.progress,
-        plot=args.plot, log=None if args.quiet else log,
+        plot=args.plot, log=None if args.quiet else log, threads=args.threads,
     )
     print(result.format_table())
     if result.selection is not None:
