@@ -1,7 +1,7 @@
 """Logical batch 8192 by accumulation on CPU: peak memory and throughput of the engine (issue 6).
 
 * memory: peak RSS growth of ``train`` at B = 8192 in micro-batches of 256, vs one step of B = 256 with
-  no accumulation (goal ≤ 1.1×) — each measured in a fresh process (``ru_maxrss`` is a high-water mark);
+  no accumulation (goal ≤ 1.1×) — each measured in a fresh process (VmHWM is a high-water mark);
 * throughput: samples/s of ``train`` at B = 8192 vs a plain hand-written accumulation loop over the same
   micro-batches (mean cross-entropy, SGD) in the same process, alternating (goal ≥ 0.95×).
 
@@ -12,7 +12,6 @@ Model: an MLP (3·32·32 → 512 → 512 → 10) on the synthetic CIFAR-shaped s
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,9 @@ CFG = dict(model="mlp", model_kwargs={"hidden": [512, 512]}, data="synthetic", o
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident memory (VmHWM; ru_maxrss would carry the parent's over across exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def memory_child(batch: int) -> None:

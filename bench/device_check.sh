@@ -9,8 +9,9 @@
 # The paper's presets take two optimizer steps each at their real logical batch (32,768 for Table 3,
 # 8,192 for Table 1, 5,000 for Fig. 1, 5,120 for Fig. 3) on tiny data written in the real formats by
 # tests/large_data.py (random images and labels: this checks that the path runs and what it costs, not
-# accuracy). Then `gmix trace` measures one checkpoint on the GPU and on the CPU (the values must agree),
-# and bench/mixing_overhead.py times GradientMix against the plain step on the GPU. Everything goes to
+# accuracy); bench/imagenet_step.py splits a Table 3 micro-batch into decoding and GPU time. Then
+# `gmix trace` measures one checkpoint on the GPU and on the CPU (the values must agree), and
+# bench/mixing_overhead.py times GradientMix against the plain step on the GPU. Everything goes to
 # stdout and to $OUT/device.log; each step prints its exit code and wall time.
 set -u
 OUT=${OUT:-runs/device-check}
@@ -56,6 +57,7 @@ TWO=(--steps 2 --warmup-steps 1 --eval-every 2 --no-progress --device cuda)
 step fig1_lars_5k 90 "${GMIX[@]}" train --preset fig1_sgd_lars --optimizer lars --batch-size 5000 --noise gaussian --kappa-ratio 1 --data-dir "$D/cifar" "${TWO[@]}" --out "$D/fig1"
 TAIL=14 step trace_cuda 90 "${GMIX[@]}" trace "$D/fig1" --data cifar10 --data-dir "$D/cifar" --split test --samples 256 --method all --probes 16 --device cuda --no-progress
 TAIL=6 step trace_cpu_exact 90 "${GMIX[@]}" trace "$D/fig1" --data cifar10 --data-dir "$D/cifar" --split test --samples 256 --method exact --device cpu --no-progress
+TAIL=5 step imagenet_step 60 "$PY" bench/imagenet_step.py "$D/imagenet" --micro 512 --reps 3
 step table3_lars 120 "${GMIX[@]}" train --preset table3_lars --data-dir "$D/imagenet" --micro-batch-size 512 "${TWO[@]}" --out "$D/t3lars"
 TAIL=9 step mixing_overhead_cuda 120 "$PY" bench/mixing_overhead.py --device cuda --width 64 --batch 256 --reps 20
 step fig3_lamb_5k 60 "${GMIX[@]}" train --preset fig3_transformer --optimizer lamb --batch-size 5120 --noise gaussian --kappa-ratio 1 --data-dir "$D/multi30k" "${TWO[@]}" --out "$D/fig3"
