@@ -13,6 +13,7 @@ allreduce-mean, giving Σ_k π_k g_k; π is drawn identically on every rank.
 """
 
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -59,8 +60,17 @@ class DistContext:
             dist.barrier()
 
 
+def _destroy_at_exit() -> None:
+    """Destroy the process group while the interpreter is fully alive: otherwise gloo's worker threads can
+    still hold tensors when Python finalises, and the process dies with SIGABRT ("terminate called without an
+    active exception") after its work is done. A no-op when the caller already destroyed it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device: str = "auto") -> DistContext:
-    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on CUDA).
+    """Initialise the process group when launched by torchrun (gloo on CPU, nccl on CUDA); a group created here
+    is destroyed at interpreter exit unless the caller destroys it first.
 
     >>> init_distributed("cpu").world_size  # not under torchrun
     1
@@ -77,6 +87,7 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        atexit.register(_destroy_at_exit)
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 

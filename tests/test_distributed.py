@@ -107,3 +107,33 @@ def test_ddp_resume_is_exact(ddp_runs):
     lines = (ddp_runs / "killed" / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(x)["step"] for x in lines if json.loads(x)["kind"] == "step"]
     assert steps == [1, 2, 3, 4]  # rank 0 alone writes metrics, once per step, across the resume
+
+
+def test_a_process_group_created_here_is_destroyed_at_exit(monkeypatch):
+    """Without it, a torchrun process that ends without destroy_process_group can abort in gloo's threads
+    during interpreter finalisation (seen here: rank 0 SIGABRT after its runs were done)."""
+    import gmix_curvature.distributed as d
+
+    state = {"initialized": False, "destroyed": 0}
+    registered = []
+
+    def init(backend):
+        state["initialized"] = True
+
+    def destroy():
+        state["initialized"] = False
+        state["destroyed"] += 1
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: state["initialized"])
+    monkeypatch.setattr(d.dist, "init_process_group", init)
+    monkeypatch.setattr(d.dist, "destroy_process_group", destroy)
+    monkeypatch.setattr(d.atexit, "register", registered.append)
+    ctx = d.init_distributed("cpu")
+    assert (ctx.rank, ctx.world_size) == (0, 2) and registered == [d._destroy_at_exit]
+    d.init_distributed("cpu")  # already initialised: nothing more registered
+    assert registered == [d._destroy_at_exit]
+    registered[0]()
+    registered[0]()  # the caller (or the first call) destroyed it already: a no-op
+    assert state["destroyed"] == 1
