@@ -18,11 +18,21 @@ punctuation, one shared vocabulary, words seen fewer than twice map to ``<unk>``
 and ``y`` of shape (B, L), the target ``w₁ … w_n <eos>``; 0 pads. The per-sample loss ℓ_b is sentence
 b's mean token cross-entropy (each sentence is one sample of Eq. 1), accuracy counts target tokens.
 
+``imagefolder``: any ImageFolder tree of the user's, in ImageNet's layout (``DATA_DIR/train``, ``DATA_DIR/val``)
+or flat (``DATA_DIR/<class>/<image>``, one split, ``train``), read as ``imagenet`` is.
+
+For evaluation (``gmix trace``, ``--trace-every``) :meth:`~ImageFolderDataset.subset` and
+:meth:`~Multi30kDataset.subset` draw a random subset of the samples from a generator without decoding
+anything; :meth:`get_batch` without ``train`` applies the evaluation transform (no augmentation).
+``ignore_index`` names the label that marks padding (Multi30k's ``<pad>``; -100, PyTorch's default, where
+there is none).
+
 ``LARGE_DATASETS`` maps each name to ``loader(split, data_dir) -> dataset``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -39,7 +49,9 @@ __all__ = [
     "WordTokenizer",
     "Multi30kDataset",
     "load_imagenet",
+    "load_imagefolder",
     "load_multi30k",
+    "subset_indices",
     "LARGE_DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -57,6 +69,22 @@ def _root(data_dir: str | os.PathLike | None, name: str) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
     return root
+
+
+def subset_indices(length: int, n: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The indices of a random subset of ``n`` of ``length`` samples, drawn from ``generator`` (the first
+    ``n`` without one); all of them, in order, when ``n`` is None or at least ``length``.
+
+    >>> subset_indices(10, 3, torch.Generator().manual_seed(0)).tolist()
+    [4, 1, 7]
+    >>> subset_indices(4, None).tolist()
+    [0, 1, 2, 3]
+    """
+    if n is not None and n < 1:
+        raise ValueError(f"a subset needs at least one sample, got {n}")
+    if n is None or n >= length:
+        return torch.arange(length)
+    return torch.randperm(length, generator=generator)[:n] if generator is not None else torch.arange(n)
 
 
 # --------------------------------------------------------------------------------------------- ImageNet
@@ -105,6 +133,7 @@ class ImageFolderDataset:
     """
 
     prefetch = True  # the training loop decodes the next micro-batch while the current one computes
+    ignore_index = -100  # no padding: every label counts
 
     def __init__(
         self,
@@ -205,6 +234,15 @@ class ImageFolderDataset:
         """The whole split, unaugmented (small folders only: it decodes everything)."""
         return self.get_batch(torch.arange(len(self)))
 
+    def subset(self, n: int | None, generator: torch.Generator | None = None) -> ImageFolderDataset:
+        """The same folder restricted to a random subset of ``n`` images (:func:`subset_indices`); nothing is
+        decoded until :meth:`get_batch`."""
+        idx = subset_indices(len(self), n, generator)
+        sub = copy.copy(self)
+        sub.samples = [self.samples[int(i)] for i in idx]
+        sub.y = self.y[idx]
+        return sub
+
 
 def load_imagenet(
     split: str, data_dir: str | os.PathLike | None, *, image_size: int = 224, workers: int | None = None
@@ -224,6 +262,32 @@ def load_imagenet(
     train_dir = root / "train"
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir()) if train_dir.is_dir() else None
     return ImageFolderDataset(root / folders[split], classes=classes, image_size=image_size, workers=workers)
+
+
+def load_imagefolder(
+    split: str, data_dir: str | os.PathLike | None, *, image_size: int = 224, workers: int | None = None
+) -> ImageFolderDataset:
+    """Any ImageFolder tree: ImageNet's layout (``train``/``val`` folders, read as :func:`load_imagenet` reads
+    them) or a flat ``data_dir/<class>/<image>`` (one split, ``train``). Evaluation resizes the short side to
+    ``image_size`` × 256/224 and centre-crops ``image_size``.
+
+    >>> load_imagefolder("train", None)
+    Traceback (most recent call last):
+    ...
+    ValueError: imagefolder needs --data-dir, the directory holding its files
+    """
+    root = _root(data_dir, "imagefolder")
+    resize = max(image_size, round(image_size * 256 / 224))
+    if (root / "train").is_dir():
+        folders = {"train": "train", "val": "val", "test": "val"}
+        if split not in folders:
+            raise ValueError(f"imagefolder has splits train, val and test (= val), not {split!r}")
+        classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        return ImageFolderDataset(root / folders[split], classes=classes, image_size=image_size,
+                                  resize_size=resize, name="imagefolder", workers=workers)  # fmt: skip
+    if split != "train":
+        raise ValueError(f"imagefolder: {root} has no train/ folder, so its one split is train, not {split!r}")
+    return ImageFolderDataset(root, image_size=image_size, resize_size=resize, name="imagefolder", workers=workers)
 
 
 # --------------------------------------------------------------------------------------------- Multi30k
@@ -283,6 +347,8 @@ class Multi30kDataset:
         self.tgt = [[BOS, *t[: self.max_len - 1], EOS] for t in tgt]  # decoder input and target: max_len each
         self.num_classes = len(tokenizer)
 
+    ignore_index = PAD  # padded target positions count in no loss, accuracy or curvature
+
     def __len__(self) -> int:
         return len(self.src)
 
@@ -304,6 +370,18 @@ class Multi30kDataset:
             x[row, 1, : len(t) - 1] = torch.tensor(t[:-1], dtype=torch.int64)
             y[row, : len(t) - 1] = torch.tensor(t[1:], dtype=torch.int64)
         return x, y
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All sentence pairs as one batch, padded to the longest (small sets only)."""
+        return self.get_batch(torch.arange(len(self)))
+
+    def subset(self, n: int | None, generator: torch.Generator | None = None) -> Multi30kDataset:
+        """The same vocabulary and sentences restricted to a random subset of ``n`` pairs (:func:`subset_indices`)."""
+        idx = subset_indices(len(self), n, generator)
+        sub = copy.copy(self)
+        sub.src = [self.src[int(i)] for i in idx]
+        sub.tgt = [self.tgt[int(i)] for i in idx]
+        return sub
 
     def per_sample_losses(self, output: torch.Tensor, y: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
         """ℓ_b: the mean (label-smoothed) cross-entropy over sentence b's target tokens, shape (B,)."""
@@ -379,4 +457,8 @@ def load_multi30k(
     return Multi30kDataset([tok.encode(s) for s in src], [tok.encode(t) for t in tgt], tok, max_len=max_len)
 
 
-LARGE_DATASETS: dict[str, Callable[..., object]] = {"imagenet": load_imagenet, "multi30k": load_multi30k}
+LARGE_DATASETS: dict[str, Callable[..., object]] = {
+    "imagenet": load_imagenet,
+    "imagefolder": load_imagefolder,
+    "multi30k": load_multi30k,
+}

@@ -13,9 +13,11 @@ from gmix_curvature.data_large import (
     LARGE_DATASETS,
     PAD,
     UNK,
+    load_imagefolder,
     load_imagenet,
     load_multi30k,
     random_resized_crop_box,
+    subset_indices,
 )
 from gmix_curvature.transformer import build_transformer
 
@@ -92,6 +94,30 @@ def test_imagefolder_errors(tmp_path, imagenet_dir):
         load_imagenet("train", tmp_path / "empty")
 
 
+def test_imagefolder_subset_is_an_evaluation_view_drawn_from_the_generator(imagenet_dir):
+    ds = load_imagenet("train", imagenet_dir, image_size=16)
+    sub = ds.subset(5, torch.Generator().manual_seed(7))
+    idx = subset_indices(len(ds), 5, torch.Generator().manual_seed(7))
+    assert len(sub) == 5 and len(ds) == 12 and sub.classes == ds.classes
+    x, y = sub.get_batch(torch.arange(5))
+    want_x, want_y = ds.get_batch(idx)  # evaluation transform: the same pixels, no augmentation
+    assert torch.equal(x, want_x) and torch.equal(y, want_y) and torch.equal(sub.y, ds.y[idx])
+    assert not torch.equal(idx, torch.arange(5)) and len(ds.subset(None)) == len(ds.subset(50)) == 12
+    with pytest.raises(ValueError, match="at least one sample"):
+        ds.subset(0)
+
+
+def test_any_imagefolder_in_imagenet_layout_or_flat(tmp_path, imagenet_dir):
+    split = LARGE_DATASETS["imagefolder"]("val", imagenet_dir, image_size=8)
+    assert (split.name, len(split), split.classes, split.input_shape) == ("imagefolder", 6, ["n01", "n02", "n03"],
+                                                                           (3, 8, 8))  # fmt: skip
+    flat = load_imagefolder("train", imagenet_dir / "train", image_size=12)
+    x, y = flat.get_batch(torch.tensor([0, 11]))
+    assert x.shape == (2, 3, 12, 12) and y.tolist() == [0, 2] and flat.ignore_index == -100
+    with pytest.raises(ValueError, match="its one split is train, not 'val'"):
+        load_imagefolder("val", imagenet_dir / "train")
+
+
 # ------------------------------------------------------------------------------------------- Multi30k
 
 
@@ -145,6 +171,16 @@ def test_multi30k_errors(tmp_path, multi30k_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="lacks train.de and train.en"):
         load_multi30k("train", tmp_path / "empty")
+
+
+def test_multi30k_subset_keeps_the_vocabulary_and_pads_per_batch(multi30k_dir):
+    ds = load_multi30k("train", multi30k_dir)
+    sub = ds.subset(3, torch.Generator().manual_seed(1))
+    idx = subset_indices(len(ds), 3, torch.Generator().manual_seed(1))
+    assert len(sub) == 3 and sub.tokenizer is ds.tokenizer and sub.ignore_index == PAD
+    x, y = sub.tensors()
+    want_x, want_y = ds.get_batch(idx)
+    assert torch.equal(x, want_x) and torch.equal(y, want_y)
 
 
 def test_unknown_words_map_to_unk(multi30k_dir):
