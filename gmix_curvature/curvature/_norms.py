@@ -17,13 +17,15 @@ output_hutchinson, the empirical Fisher). Two backends:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from gmix_curvature.curvature._outputs import OutputFn, call_model, resolve_output_fn
 from gmix_curvature.errors import GmixError
 
 __all__ = ["PerSampleNorms", "BACKENDS", "supports_hooks"]
@@ -143,7 +145,12 @@ class PerSampleNorms:
     """
 
     def __init__(
-        self, model: nn.Module, params: dict[str, nn.Parameter], backend: str = "auto", conv_rule: str | None = None
+        self,
+        model: nn.Module,
+        params: dict[str, nn.Parameter],
+        backend: str = "auto",
+        conv_rule: str | None = None,
+        output_fn: OutputFn | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise GmixError(f"unknown per-sample-norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -154,8 +161,9 @@ class PerSampleNorms:
             raise GmixError("the hooks backend supports Linear, Conv2d and BatchNorm layers only; use backend='func'")
         self.backend = "hooks" if (backend == "hooks" or (backend == "auto" and ok)) else "func"
         self.model, self.params, self.conv_rule = model, params, conv_rule
+        self.output_fn = resolve_output_fn(output_fn)
         self._names = {id(p): name for name, p in params.items()}
-        self._x: torch.Tensor | None = None
+        self._x: Any = None
         self._logits: torch.Tensor | None = None
         self._records: list[tuple[nn.Module, str, torch.Tensor, list]] = []
 
@@ -168,14 +176,15 @@ class PerSampleNorms:
 
         return hook
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Run the model on a batch and keep what the backward passes need; returns the logits."""
+    def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Run the model on a batch (a batch-first tensor, or a mapping of them passed as ``model(**x)``) and
+        keep what the backward passes need; returns ``output_fn`` of the output, detached, of any shape."""
         self._records = []
         self._cache: dict = {"_free": CACHE_BUDGET}
         if self.backend == "func":
             self._x = x
             with torch.no_grad():
-                self._logits = self.model(x)
+                self._logits = self.output_fn(call_model(self.model, x))
             return self._logits
         handles = [
             m.register_forward_hook(self._forward_hook(name))
@@ -183,23 +192,26 @@ class PerSampleNorms:
             if _hookable(m) and any(p.requires_grad for p in m.parameters(recurse=False))
         ]
         try:
-            self._x = x.detach().requires_grad_(x.dtype.is_floating_point)
+            self._x = _leaves(x)
             with torch.enable_grad():
-                self._logits = self.model(self._x)
+                self._logits = self.output_fn(call_model(self.model, self._x))
         finally:
             for h in handles:
                 h.remove()
         return self._logits.detach()
 
     def norms(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{parameter name: (n,) tensor of ‖∂⟨f_i, v_i⟩/∂θ_l‖²} for the batch of the last :meth:`forward`."""
+        """{parameter name: (n,) tensor of ‖∂⟨f_i, v_i⟩/∂θ_l‖²} for the batch of the last :meth:`forward`.
+
+        ``v`` has the shape of the output; for several positions per sample (N, T, C) the norm is of the sum
+        over the sample's positions, cross terms between positions included."""
         if self._logits is None:
             raise RuntimeError("call forward() first")
         if self.backend == "func":
             return self._func_norms(v)
         for _, _, _, slot in self._records:
             slot.clear()
-        leaves = [self._x] if self._x.requires_grad else [p for p in self.params.values()]
+        leaves = [t for t in _tensors(self._x) if t.requires_grad] or list(self.params.values())
         torch.autograd.grad(self._logits, leaves, grad_outputs=v.to(self._logits.dtype), retain_graph=True,
                             allow_unused=True)
         out: dict[str, torch.Tensor] = {}
@@ -228,10 +240,37 @@ class PerSampleNorms:
         names = list(self.params)
         detached = {k: p.detach() for k, p in self.params.items()}
         buffers = dict(self.model.named_buffers())
+        x = self._x
+        mapping = isinstance(x, Mapping)
+        batched = {k: t for k, t in x.items() if isinstance(t, torch.Tensor)} if mapping else x
+        fixed = {k: t for k, t in x.items() if not isinstance(t, torch.Tensor)} if mapping else {}
 
-        def surrogate(params: dict, x: torch.Tensor, vi: torch.Tensor) -> torch.Tensor:
-            out = functional_call(self.model, (params, buffers), (x.unsqueeze(0),))
-            return (out[0] * vi).sum()
+        def surrogate(params: dict, xi: Any, vi: torch.Tensor) -> torch.Tensor:
+            if mapping:
+                kwargs = {**{k: t.unsqueeze(0) for k, t in xi.items()}, **fixed}
+                out = functional_call(self.model, (params, buffers), (), kwargs)
+            else:
+                out = functional_call(self.model, (params, buffers), (xi.unsqueeze(0),))
+            return (self.output_fn(out)[0] * vi).sum()
 
-        per_sample = vmap(grad(surrogate), in_dims=(None, 0, 0), chunk_size=64)(detached, self._x, v)
+        per_sample = vmap(grad(surrogate), in_dims=(None, 0, 0), chunk_size=64)(detached, batched, v)
         return {k: per_sample[k].reshape(v.shape[0], -1).square().sum(1) for k in names}
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, Mapping):
+        return [t for t in x.values() if isinstance(t, torch.Tensor)]
+    return [x] if isinstance(x, torch.Tensor) else []
+
+
+def _leaves(x: Any) -> Any:
+    """The batch with its floating-point tensors as fresh leaves that require grad (the backward's stopping set)."""
+
+    def leaf(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return t.detach().requires_grad_(t.dtype.is_floating_point)
+        return t
+
+    if isinstance(x, Mapping):
+        return {k: leaf(t) for k, t in x.items()}
+    return leaf(x)
