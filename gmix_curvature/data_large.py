@@ -248,7 +248,8 @@ def load_imagenet(
     split: str, data_dir: str | os.PathLike | None, *, image_size: int = 224, workers: int | None = None
 ) -> ImageFolderDataset:
     """ImageNet (or any ImageFolder tree with ``train`` and ``val``) from ``data_dir``; ``workers`` decoding
-    threads (default: the CPU count, at most 8).
+    threads (default: the CPU count, at most 8). Evaluation resizes the short side to ``image_size`` × 256/224
+    (256 for 224) and centre-crops ``image_size``.
 
     >>> load_imagenet("train", None)
     Traceback (most recent call last):
@@ -261,7 +262,9 @@ def load_imagenet(
         raise ValueError(f"imagenet has splits train, val and test (= val), not {split!r}")
     train_dir = root / "train"
     classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir()) if train_dir.is_dir() else None
-    return ImageFolderDataset(root / folders[split], classes=classes, image_size=image_size, workers=workers)
+    resize = max(image_size, round(image_size * 256 / 224))
+    return ImageFolderDataset(root / folders[split], classes=classes, image_size=image_size, resize_size=resize,
+                              workers=workers)  # fmt: skip
 
 
 def load_imagefolder(
