@@ -226,14 +226,38 @@ def _mnist1d(split: str) -> ArrayDataset:
     return ArrayDataset("mnist1d", torch.from_numpy(x[chosen]).view(-1, 1, 40), torch.from_numpy(y[chosen]), 10)
 
 
+# Everything a CIFAR batch file may name: numpy arrays (protocol 2: _reconstruct, ndarray, dtype; protocol 5:
+# _frombuffer, dtype; numpy 1 wrote numpy.core, numpy 2 numpy._core) and bytes as Python 3 pickles them at
+# protocol 2 (_codecs.encode). Dicts, lists, str, bytes and numbers need no name at all.
+_CIFAR_GLOBALS = frozenset(
+    [(f"numpy.{core}.multiarray", "_reconstruct") for core in ("core", "_core")]
+    + [(f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")]
+    + [("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")]
+)
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a file naming any other class or function is refused before
+    anything is imported or called (a pickle runs the code it names)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        import warnings
+
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds; refused")
+        with warnings.catch_warnings():  # numpy 2's numpy.core alias warns on import
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="latin1")
+            obj = _CifarUnpickler(f, encoding="latin1").load()
     except FileNotFoundError:
         raise FileNotFoundError(f"missing CIFAR file {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
-        raise ValueError(f"{path} is not a CIFAR pickle file ({exc})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a CIFAR pickle file ({' '.join(str(exc).split())[:160]})") from None
     if not isinstance(obj, dict) or "data" not in obj:
         raise ValueError(f"{path} is not a CIFAR pickle file (no 'data' entry)")
     return obj

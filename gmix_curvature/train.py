@@ -435,11 +435,13 @@ def train(
     resume: bool = False,
     datasets: tuple[Any, Any] | None = None,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    trust: bool = False,
 ) -> TrainResult:
     """Train with GradientMix (or the averaging baseline, ``noise="none"``) as ``config`` says.
 
     ``datasets`` = (train, eval) replaces loading by name (for tests and custom data). With ``config.out``
-    set, metrics, config and checkpoints go there and ``resume=True`` continues from its checkpoint.
+    set, metrics, config and checkpoints go there and ``resume=True`` continues from its checkpoint (read
+    without running code; ``trust=True`` unpickles one that needs it in full, see :mod:`gmix_curvature.checkpoint`).
     The run draws from torch's global RNG (initialisation, dropout) inside ``torch.random.fork_rng``,
     seeded with ``config.seed``: the caller's global RNG state is left as it was.
 
@@ -449,7 +451,7 @@ def train(
     """
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
-        return _train(config, resume=resume, datasets=datasets, callback=callback)
+        return _train(config, resume=resume, datasets=datasets, callback=callback, trust=trust)
 
 
 def _train(
@@ -458,6 +460,7 @@ def _train(
     resume: bool,
     datasets: tuple[Any, Any] | None,
     callback: Callable[[int, dict[str, float]], None] | None,
+    trust: bool,
 ) -> TrainResult:
     t0 = time.perf_counter()
     ctx = init_distributed(config.device)
@@ -469,7 +472,7 @@ def _train(
             raise GmixError("resume needs an output directory (--out) holding checkpoint.pt")
         if not ckpt_path.exists():
             raise FileNotFoundError(f"nothing to resume: {ckpt_path} does not exist")
-        saved = read_checkpoint(ckpt_path)
+        saved = read_checkpoint(ckpt_path, trust=trust)
         if not isinstance(saved, Mapping) or saved.get("format") != FORMAT or "optimizer" not in saved:
             raise CheckpointError(f"{ckpt_path} is not a gmix training checkpoint")
 

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("gradient noise scale of a checkpoint (instead of the suite)")
     g.add_argument("--checkpoint", metavar="PATH", help="a gmix checkpoint (or run directory) or a state_dict")
     g.add_argument("--model", help="architecture of a plain state_dict (see gmix train --model)")
+    g.add_argument("--trust-checkpoint", dest="trust", action="store_true",
+                   help="unpickle a checkpoint that needs it in full (a pickled module), which runs code it names: "
+                   "only for files from a source you trust")
     g.add_argument("--data", default="digits", help="data set the noise scale is taken over (default: digits)")
     g.add_argument("--split", default="train", help="split of --data (default: train)")
     g.add_argument("--data-dir", help="directory of the CIFAR files")
@@ -39,7 +42,7 @@ def _noise_scale(args: argparse.Namespace) -> int:
 
     ds = load_dataset(args.data, args.split, args.data_dir, num_samples=args.num_samples)
     model, _ = load_checkpoint(args.checkpoint, model=args.model, num_classes=ds.num_classes,
-                               input_shape=ds.input_shape)
+                               input_shape=ds.input_shape, trust=args.trust)
     res = gradient_noise_scale(model.double(), (ds.tensors()[0].double(), ds.tensors()[1]), kind=args.kind,
                                ratio=args.ratio)
     print(f"gradient noise scale of {args.checkpoint} over {args.data}/{args.split} ({res.num_samples} samples, "

@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-shape", help="input shape of a plain state_dict, e.g. 3,32,32")
     p.add_argument("--model-kwargs", help="JSON keyword arguments of the architecture, e.g. '{\"width\": 16}'")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--trust-checkpoint", dest="trust", action="store_true",
+                   help="unpickle a checkpoint that needs it in full (a pickled module), which runs code it names: "
+                   "only for files from a source you trust")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         samples=None if args.all_samples else args.samples, batch_size=args.batch_size, num_probes=args.probes,
         target_rel_stderr=args.target_rel_stderr, seed=args.seed, bn_mode=args.bn_mode, model=args.model,
         num_classes=args.num_classes, input_shape=shape, model_kwargs=kwargs, device=args.device,
-        progress=args.progress and sys.stderr.isatty(),
+        progress=args.progress and sys.stderr.isatty(), trust=args.trust,
     )  # fmt: skip
     if world()[0] != 0:
         return 0

@@ -77,6 +77,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, dest=dest, type=typ, default=S, help=text)
     p.add_argument("--out", default=S, help="output directory (metrics.jsonl, config.json, checkpoint.pt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, exactly")
+    p.add_argument("--trust-checkpoint", dest="trust", action="store_true",
+                   help="with --resume: unpickle a checkpoint that needs it in full, which runs code it names "
+                   "(only for files from a source you trust; gmix's own checkpoints never need it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
 
 
@@ -123,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:24s} {text}")
         return 0
     config, resume = config_from_args(args)
-    result = train(config, resume=resume)
+    result = train(config, resume=resume, trust=args.trust)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     print(result.summary())

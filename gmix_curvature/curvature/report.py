@@ -71,9 +71,12 @@ def trace_checkpoint(
     model_kwargs: dict[str, Any] | None = None,
     device: str = "cpu",
     progress: bool = False,
+    trust: bool = False,
 ) -> TraceReport:
     """Measure the curvature of a checkpoint on ``samples`` samples of a data split (a random subset drawn
     with ``seed``; all of it with ``samples=None``). ``data`` defaults to the checkpoint's own data set.
+    ``trust=True`` unpickles a checkpoint that needs it in full (a pickled module), which runs code it names
+    (see :func:`gmix_curvature.checkpoint.read_checkpoint`); without it such a file is refused.
 
     >>> import tempfile, os
     >>> from gmix_curvature.checkpoint import save_checkpoint
@@ -91,7 +94,8 @@ def trace_checkpoint(
     if samples is not None and samples < 1:
         raise GmixError(f"--samples must be >= 1, got {samples}")
     net, config = load_checkpoint(
-        checkpoint, model=model, num_classes=num_classes, input_shape=input_shape, model_kwargs=model_kwargs
+        checkpoint, model=model, num_classes=num_classes, input_shape=input_shape, model_kwargs=model_kwargs,
+        trust=trust,
     )
     name = data or config.get("data")
     if name is None:
