@@ -1,23 +1,36 @@
 """The probe loop shared by the estimators built on per-sample norms, and the bookkeeping of every
-stochastic estimate: per-probe sums over all samples (all-reduced over ranks), their mean and standard
-error, adaptive stopping at a target relative standard error, reproducible per-(probe, batch) draws."""
+stochastic estimate: per-probe sums over all predictions (all-reduced over ranks), their mean and standard
+error, adaptive stopping at a target relative standard error, reproducible per-(probe, batch) draws.
+
+The term machinery (theory/CURVATURE.md §8). For each batch the output becomes :class:`Predictions`
+(counted rows f_t of width K, each with its loss's factor S_t, H_t = S_t S_tᵀ). A *term function*
+``terms(pb, generator, diag)`` yields pairs (w, v): w an (N,) per-sample weight, v an output-shaped tensor;
+the engine adds Σ_i w_i ‖J_iᵀ v_i‖² (per parameter, from :class:`PerSampleNorms`) to the probe's sum, where
+J_iᵀ v_i = Σ_t J_tᵀ v_t sums over the sample's positions *inside* the norm. Helpers build the (w, v) of
+the usual cases: :func:`position_terms` (one position at a time: no cross terms, exact) and
+:func:`row_terms` (all positions at once, each row scaled by √weight, optionally with an independent
+Rademacher sign per position so that the cross terms between positions vanish in expectation).
+A probe's value is its sum divided by n, the number of counted predictions.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from gmix_curvature.curvature._data import all_reduce_sum, as_batches, check_labels, world
+from gmix_curvature.curvature._data import all_reduce_sum, as_batches, world
+from gmix_curvature.curvature._loss import Loss, Predictions, get_loss
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, has_batchnorm, model_device_dtype, trainable
 from gmix_curvature.curvature._norms import PerSampleNorms
+from gmix_curvature.curvature._outputs import OutputFn, predictions, resolve_output_fn
 from gmix_curvature.curvature._result import CurvatureResult
-from gmix_curvature.curvature._softmax import SoftmaxStats, softmax_stats
 from gmix_curvature.errors import GmixError
 
 __all__ = [
@@ -29,13 +42,19 @@ __all__ = [
     "ProbeSums",
     "run_per_sample",
     "check_probes",
+    "TermFn",
+    "position_terms",
+    "row_terms",
+    "check_finite",
+    "make_predictions",
 ]
 
 _GOLDEN = 0x9E3779B97F4A7C15
 # A standard error estimated from fewer probe values is too unreliable to stop on: per-probe values of a
 # confident model are heavy-tailed or discrete (one dominant sample), and 4 equal values happen.
 MIN_PROBES_FOR_TARGET = 8
-TermFn = Callable[[SoftmaxStats, torch.Tensor, torch.Generator, dict], list[tuple[torch.Tensor, torch.Tensor]]]
+# terms(predictions of a batch, generator of this probe on this batch, diagnostics) -> (w (N,), v output-shaped)
+TermFn = Callable[[Predictions, torch.Generator, dict], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def make_generator(generator: torch.Generator | int | None) -> torch.Generator:
@@ -77,12 +96,14 @@ class ProbeSums:
     names: list[str]
     totals: list[float] = field(default_factory=list)
     blocks: list[list[float]] = field(default_factory=list)
-    n: int = 0
+    n: int = 0  # counted predictions: the divisor of every value
+    n_samples: int = 0
 
-    def add(self, totals: torch.Tensor, blocks: torch.Tensor, n: int) -> None:
+    def add(self, totals: torch.Tensor, blocks: torch.Tensor, n: int, n_samples: int | None = None) -> None:
         self.totals += [float(t) for t in totals]
         self.blocks += blocks.tolist()
         self.n = n
+        self.n_samples = n if n_samples is None else n_samples
 
     @property
     def k(self) -> int:
@@ -143,8 +164,7 @@ def run_rounds(
     sums = ProbeSums(names)
     todo = max(num_probes, MIN_PROBES_FOR_TARGET) if target_rel_stderr is not None else num_probes
     while todo > 0:
-        totals, blocks, n = run_round(probe_seeds(gen, todo))
-        sums.add(totals, blocks, n)
+        sums.add(*run_round(probe_seeds(gen, todo)))
         todo = sums.needed(target_rel_stderr, max_probes) if target_rel_stderr is not None else 0
         if budget is not None and sums.k + todo > budget:
             raise OverBudget(sums)
@@ -157,6 +177,81 @@ class OverBudget(Exception):
     def __init__(self, sums: ProbeSums) -> None:
         super().__init__("over budget")
         self.sums = sums
+
+
+def check_finite(out: torch.Tensor, recount: Callable[[], tuple[int, int]] | None = None) -> None:
+    """Raise one :class:`GmixError` line when a model output holds NaN or inf, naming how many samples are
+    affected (over all of this rank's data when ``recount`` is given: it returns (affected, samples))."""
+    bad = ~torch.isfinite(out.detach().reshape(out.shape[0], -1)).all(1) if out.ndim else ~torch.isfinite(out)
+    if not bool(bad.any()):
+        return
+    affected, total = recount() if recount is not None else (int(bad.sum()), int(out.shape[0]))
+    where = " on this rank" if world()[1] > 1 else ""
+    raise GmixError(
+        f"the model's output is not finite (NaN or inf) for {affected} of {total} samples{where}: "
+        "check the checkpoint (a diverged run?) and the data"
+    )
+
+
+def count_non_finite(model: Any, batches: Iterable, output_fn: OutputFn | None) -> tuple[int, int]:
+    """(samples whose output holds NaN or inf, samples) over ``batches`` of (index, x, y), without gradients."""
+    affected = total = 0
+    with torch.no_grad():
+        for _, x, y in batches:
+            out = predictions(model, x, output_fn)
+            affected += int((~torch.isfinite(out.reshape(out.shape[0], -1))).any(1).sum())
+            total += int(y.shape[0])
+    return affected, total
+
+
+def make_predictions(
+    out: torch.Tensor, y: torch.Tensor, loss: Loss, ignore_index: int,
+    recount: Callable[[], tuple[int, int]] | None = None,
+) -> Predictions:
+    """The checked :class:`Predictions` of one batch's output (finite, targets matching the loss)."""
+    check_finite(out, recount)
+    return Predictions(loss, out, y, ignore_index)
+
+
+def position_terms(pb: Predictions, log_weight: torch.Tensor, unit: torch.Tensor) -> Iterator[tuple]:
+    """(w, v) for one position at a time: v holds unit_t at position t only, w_i = exp(log_weight_t), so
+    Σ_terms w_i ‖J_iᵀ v_i‖² = Σ_t weight_t ‖J_tᵀ unit_t‖² exactly (no cross terms; one backward pass per
+    position that has a counted prediction)."""
+    for t in torch.unique(pb.position).tolist():
+        sel = pb.position == t
+        rows = torch.zeros_like(unit)
+        rows[sel] = unit[sel]
+        w = torch.zeros(pb.n_samples, dtype=unit.dtype, device=unit.device)
+        w[pb.sample[sel]] = torch.exp(log_weight[sel])
+        yield w, pb.to_output(rows)
+
+
+def row_terms(
+    pb: Predictions, log_weight: torch.Tensor, unit: torch.Tensor, signs: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (w, v) with every counted row at once: v_t = ε_t √(weight_t / w_i) unit_t, w_i = max_t weight_t
+    over sample i's rows (so that the largest row has unit scale: float32-safe when weights underflow).
+
+    w_i ‖J_iᵀ v_i‖² = Σ_t weight_t ‖a_t‖² + Σ_{t≠t'} ε_t ε_t' √(weight_t weight_t') ⟨a_t, a_t'⟩, a_t = J_tᵀ unit_t:
+    with ``signs`` (a generator) the ε_t are independent Rademacher signs, E[ε_t ε_t'] = δ_tt', and the cross
+    terms vanish in expectation (theory/CURVATURE.md §8); without, ε = 1 (for one prediction per sample, or
+    units that are zero-mean and independent across positions already)."""
+    top = torch.full((pb.n_samples,), -torch.inf, dtype=log_weight.dtype, device=log_weight.device)
+    top = top.scatter_reduce(0, pb.sample, log_weight, reduce="amax")
+    rel = log_weight - top[pb.sample]
+    scale = torch.where(torch.isfinite(rel), torch.exp(0.5 * rel), torch.zeros_like(rel))
+    if signs is not None and pb.positions > 1:
+        eps = (torch.randint(0, 2, (pb.count,), generator=signs) * 2 - 1).to(scale)
+        scale = scale * eps
+    return torch.exp(top), pb.to_output(unit * scale.unsqueeze(1))
+
+
+def _per_sample_norms(model: nn.Module, params: dict, backend: str, output_fn: OutputFn | None) -> PerSampleNorms:
+    if "output_fn" in inspect.signature(PerSampleNorms).parameters:
+        return PerSampleNorms(model, params, backend, output_fn=output_fn)
+    if output_fn is not None:  # pragma: no cover - the interface of issue 15 (H3) is not in this tree
+        raise GmixError("this version of the per-sample-norm engine takes no output_fn")
+    return PerSampleNorms(model, params, backend)
 
 
 def run_per_sample(
@@ -177,11 +272,18 @@ def run_per_sample(
     quantity: str = "ggn_trace",
     finish: Callable[[dict, ProbeSums], dict] | None = None,
     budget: int | None = None,
+    loss: str | Loss = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
+    note: str | None = None,
 ) -> CurvatureResult:
-    """Estimate (1/n) Σ_i Σ_terms w_i ‖J_iᵀ v_i‖² with the per-sample-norm engine (see ``_norms``)."""
+    """Estimate (1/n) Σ_probes-mean Σ_i Σ_terms w_i ‖J_iᵀ v_i‖² with the per-sample-norm engine (see ``_norms``
+    and the module docstring), n the number of counted predictions."""
     start = time.perf_counter()
     check_bn_mode(bn_mode)
     check_probes(num_probes, target_rel_stderr, max_probes)
+    loss_ = get_loss(loss)
+    output_fn = resolve_output_fn(output_fn)
     if bn_mode == "train" and has_batchnorm(model):
         raise GmixError(
             f"method {method!r} needs independent per-sample terms: use bn_mode='eval' "
@@ -189,48 +291,59 @@ def run_per_sample(
         )
     gen = make_generator(generator)
     diag: dict[str, float] = {}
+    passes = [0]
     with bn_mode_context(model, bn_mode):
         params = trainable(model)
         names = list(params)
         device, dtype = model_device_dtype(model)
         batches = as_batches(data, batch_size=batch_size, device=device, dtype=dtype)
-        psn = PerSampleNorms(model, params, backend)
+        psn = _per_sample_norms(model, params, backend, output_fn)
 
-        def run_round(seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        def recount() -> tuple[int, int]:
+            return count_non_finite(model, batches, output_fn)
+
+        def run_round(seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
             k = len(seeds)
             totals = torch.zeros(k, dtype=torch.float64, device=device)
             blocks = torch.zeros(k, len(names), dtype=torch.float64, device=device)
-            n = 0
+            n = n_samples = 0
             for idx, x, y in _progress(batches, method, progress):
-                logits = psn.forward(x)
-                if logits.ndim != 2 or logits.shape[1] < 2:
-                    raise GmixError(f"the model must output (batch, classes) logits, got shape {tuple(logits.shape)}")
-                check_labels(y, logits.shape[1])
-                stats = softmax_stats(logits)
-                n += int(y.shape[0])
-                zero = torch.zeros_like(stats.p[:, 0])
+                pb = make_predictions(psn.forward(x), y, loss_, ignore_index, recount)
+                n_samples += pb.n_samples
+                if pb.count == 0:
+                    continue
+                n += pb.count
+                zero = torch.zeros(pb.n_samples, dtype=pb.f.dtype, device=device)
                 for j, seed in enumerate(seeds):
-                    for w, v in terms(stats, y, batch_generator(seed, idx), diag):
+                    for w, v in terms(pb, batch_generator(seed, idx), diag):
                         norms = psn.norms(v)
+                        passes[0] += 1
                         stacked = torch.stack([norms[name] if name in norms else zero for name in names])
                         blocks[j] += (stacked * w).sum(1, dtype=torch.float64)
             totals = blocks.sum(1)
             n_all = int(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
-            if n_all == 0:
+            s_all = int(all_reduce_sum(torch.tensor(float(n_samples), dtype=torch.float64)).item())
+            if s_all == 0:
                 raise GmixError("the data is empty: no samples to measure curvature on")
-            return all_reduce_sum(totals).cpu(), all_reduce_sum(blocks).cpu(), n_all
+            if n_all == 0:
+                raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
+            return all_reduce_sum(totals).cpu(), all_reduce_sum(blocks).cpu(), n_all, s_all
 
         if exact:
-            totals, blocks, n = run_round([0])
             sums = ProbeSums(names)
-            sums.add(totals, blocks, n)
+            sums.add(*run_round([0]))
         else:
             sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000, budget)
     value, stderr = sums.value()
     per_param, per_param_se = sums.per_param()
     for key in list(diag):
         diag[key] = float(all_reduce_sum(torch.tensor(diag[key], dtype=torch.float64)).item())
-    extra = {"backend": psn.backend, **(finish(diag, sums) if finish else {})}
+    extra = {
+        "backend": psn.backend, "loss": loss_.name, "n_predictions": sums.n, "backward_passes": passes[0],
+        **(finish(diag, sums) if finish else {}),
+    }  # fmt: skip
+    if note:
+        extra["estimator"] = note
     if not exact:
         extra["probe_values"] = sums.probe_values()
     if target_rel_stderr is not None:
@@ -238,7 +351,7 @@ def run_per_sample(
     return CurvatureResult(
         value=value,
         stderr=None if exact else stderr,
-        n_samples=sums.n,
+        n_samples=sums.n_samples,
         n_probes=0 if exact else sums.k,
         method=method,
         bn_mode=bn_mode,

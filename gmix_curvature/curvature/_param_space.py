@@ -5,23 +5,38 @@ Tr(M_ll), since E[v_l v_mᵀ] = 0 for l ≠ m)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
-from gmix_curvature.curvature._data import all_reduce_sum, as_batches, check_labels
-from gmix_curvature.curvature._engine import _progress, check_probes, make_generator, run_rounds
+from gmix_curvature.curvature._data import all_reduce_sum, as_batches
+from gmix_curvature.curvature._engine import _progress, check_probes, count_non_finite, make_generator, run_rounds
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, model_device_dtype, trainable
+from gmix_curvature.curvature._outputs import OutputFn
 from gmix_curvature.curvature._result import CurvatureResult
 from gmix_curvature.errors import GmixError
 
-__all__ = ["rademacher_like", "run_param_space"]
+__all__ = ["rademacher_like", "run_param_space", "functional_output"]
 
-# batch_fn(params, x, y, probes) -> (totals (K,), blocks (K, P)) summed over the batch's samples
-BatchFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]],
-                   tuple[torch.Tensor, torch.Tensor]]
+# batch_fn(params, x, y, probes, recount) -> (totals (K,), blocks (K, P), counted predictions) summed over the
+# batch's predictions; recount() -> (samples with a non-finite output, samples) over all of this rank's data
+BatchFn = Callable[..., tuple[torch.Tensor, torch.Tensor, int]]
+
+
+def functional_output(
+    model: nn.Module, x: Any, output_fn: OutputFn, buffers: dict[str, torch.Tensor]
+) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """p ↦ output_fn(model(x)) with the parameters p (``model(**x)`` for a mapping x)."""
+
+    def f(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        if isinstance(x, Mapping):
+            return output_fn(functional_call(model, (p, buffers), (), dict(x)))
+        return output_fn(functional_call(model, (p, buffers), (x,)))
+
+    return f
 
 
 def rademacher_like(params: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -48,6 +63,7 @@ def run_param_space(
     batch_size: int | None,
     progress: bool,
     extra: dict | None = None,
+    output_fn: OutputFn | None = None,
 ) -> CurvatureResult:
     start = time.perf_counter()
     check_bn_mode(bn_mode)
@@ -59,36 +75,38 @@ def run_param_space(
         device, dtype = model_device_dtype(model)
         batches = as_batches(data, batch_size=batch_size, device=device, dtype=dtype)
 
-        def run_round(seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        def recount() -> tuple[int, int]:
+            return count_non_finite(model, batches, output_fn)
+
+        def run_round(seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
             probes = [rademacher_like(params, s) for s in seeds]
             totals = torch.zeros(len(seeds), dtype=torch.float64)
             blocks = torch.zeros(len(seeds), len(names), dtype=torch.float64)
-            n = 0
+            n = n_samples = 0
             for _, x, y in _progress(batches, method, progress):
-                t, b = batch_fn(params, x, y, probes)
+                t, b, count = batch_fn(params, x, y, probes, recount)
                 totals += t.double().cpu()
                 blocks += b.double().cpu()
-                n += int(y.shape[0])
+                n += count
+                n_samples += int(y.shape[0])
             n_all = int(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
-            if n_all == 0:
+            s_all = int(all_reduce_sum(torch.tensor(float(n_samples), dtype=torch.float64)).item())
+            if s_all == 0:
                 raise GmixError("the data is empty: no samples to measure curvature on")
-            return all_reduce_sum(totals), all_reduce_sum(blocks), n_all
+            if n_all == 0:
+                raise GmixError("every label is ignore_index: no predictions to measure")
+            return all_reduce_sum(totals), all_reduce_sum(blocks), n_all, s_all
 
         sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000)
     value, stderr = sums.value()
     per_param, per_param_se = sums.per_param()
     info = dict(extra or {})
+    info["n_predictions"] = sums.n
     info["probe_values"] = sums.probe_values()
     if target_rel_stderr is not None:
         info["target_rel_stderr"] = target_rel_stderr
     return CurvatureResult(
-        value=value, stderr=stderr, n_samples=sums.n, n_probes=sums.k, method=method, bn_mode=bn_mode,
+        value=value, stderr=stderr, n_samples=sums.n_samples, n_probes=sums.k, method=method, bn_mode=bn_mode,
         seconds=time.perf_counter() - start, quantity=quantity, per_param=per_param, per_param_stderr=per_param_se,
         extra=info,
     )
-
-
-def check_logits(logits: torch.Tensor, y: torch.Tensor) -> None:
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise GmixError(f"the model must output (batch, classes) logits, got shape {tuple(logits.shape)}")
-    check_labels(y, logits.shape[1])

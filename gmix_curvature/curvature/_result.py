@@ -10,7 +10,10 @@ from typing import Any
 __all__ = ["CurvatureResult", "EstimatorWarning", "CONVENTION"]
 
 CONVENTION = (
-    "G = (1/n) sum_i J_i^T H_i J_i, H_i = diag(p_i) - p_i p_i^T (Eq. 5 of the paper, the mean over samples)"
+    "G = (1/n) sum_t J_t^T H_t J_t, the mean over the n counted predictions t (samples of (N, C) logits, else "
+    "positions/pixels/labels whose label is not ignore_index: extra['n_predictions']), H_t the Hessian of the "
+    "loss in the logits: cross_entropy diag(p_t) - p_t p_t^T (Eq. 5 of the paper for (N, C) logits), mse 2I/D "
+    "for a D-dim output (F.mse_loss's mean), bce sigma(1 - sigma) per label; i.e. the GGN of the mean loss"
 )
 
 
@@ -22,7 +25,8 @@ class EstimatorWarning(UserWarning):
 class CurvatureResult:
     """One curvature estimate.
 
-    ``value`` is the estimate (a trace is the mean over samples, Eq. 5); ``stderr`` its standard error
+    ``value`` is the estimate (a trace is the mean over the counted predictions, Eq. 5 and ``CONVENTION``;
+    ``n_samples`` counts samples, ``extra["n_predictions"]`` the predictions); ``stderr`` its standard error
     (None for exact values or a single probe); ``per_param`` maps parameter names to their block traces
     Tr(G_ll) (``per_param_stderr`` their standard errors where stochastic). ``bn_mode`` says whether
     BatchNorm used running statistics (``"eval"``) or batch statistics (``"train"``). ``extra`` holds

@@ -1,16 +1,27 @@
 """Dense, obviously-correct references for the tests: G and the Hessian materialised with ``torch.func``.
 
-Slow (they build the full n×C×d Jacobian) and meant for tiny models in float64. The model is evaluated
-as it is (call ``model.eval()`` first for running BatchNorm statistics).
+Slow (they build the full Jacobian of every output with respect to every parameter) and meant for tiny models
+in float64. The model is evaluated as it is (call ``model.eval()`` first for running BatchNorm statistics).
+G is formed from its definition, independently of the estimators' factorisations: G = Jᵀ (∇²_f L) J with
+L = the torch loss functional (``F.cross_entropy`` with ``ignore_index``, ``F.mse_loss``,
+``F.binary_cross_entropy_with_logits``, reduction ``"mean"``) of the whole output f, its Hessian in f taken
+by ``torch.func.hessian`` (theory/CURVATURE.md §8).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
-__all__ = ["dense_ggn", "dense_hessian", "dense_jacobian", "flat_param_names"]
+from gmix_curvature.curvature._loss import get_loss
+from gmix_curvature.curvature._outputs import OutputFn, resolve_output_fn
+
+__all__ = ["dense_ggn", "dense_hessian", "dense_jacobian", "flat_param_names", "reference_loss"]
 
 
 def _split(model: nn.Module) -> tuple[dict[str, torch.Tensor], list[str], list[torch.Size]]:
@@ -27,40 +38,78 @@ def flat_param_names(model: nn.Module) -> list[str]:
     return out
 
 
-def _flat_fn(model: nn.Module, x: torch.Tensor, out_fn):
+def _flat_fn(model: nn.Module, x: Any, out_fn: Callable, output_fn: OutputFn | None = None):
     params, names, shapes = _split(model)
     buffers = dict(model.named_buffers())
     sizes = [s.numel() for s in shapes]
     theta = torch.cat([p.reshape(-1) for p in params.values()])
+    pick = resolve_output_fn(output_fn)
 
     def f(flat: torch.Tensor) -> torch.Tensor:
         parts = dict(zip(names, (t.reshape(s) for t, s in zip(flat.split(sizes), shapes))))
-        return out_fn(functional_call(model, (parts, buffers), (x,)))
+        if isinstance(x, Mapping):
+            return out_fn(pick(functional_call(model, (parts, buffers), (), dict(x))))
+        return out_fn(pick(functional_call(model, (parts, buffers), (x,))))
 
     return f, theta
 
 
-def dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """J with J[i, c, :] = ∂f_c(x_i)/∂θ, shape (n, C, d)."""
-    f, theta = _flat_fn(model, x, lambda out: out)
+def dense_jacobian(model: nn.Module, x: Any, output_fn: OutputFn | None = None) -> torch.Tensor:
+    """J with J[i, ..., :] = ∂f(x_i)[...]/∂θ, shape (*output shape, d)."""
+    f, theta = _flat_fn(model, x, lambda out: out, output_fn)
     return jacrev(f)(theta)
 
 
-def dense_ggn(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """G = (1/n) Σ_i J_iᵀ (diag p_i - p_i p_iᵀ) J_i (Eq. 5), a dense d×d matrix.
+def reference_loss(out: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy", ignore_index: int = -100):
+    """The mean loss as torch computes it: F.cross_entropy (classes in dim 1, or classes last moved there),
+    F.mse_loss or F.binary_cross_entropy_with_logits, reduction "mean"."""
+    name = get_loss(loss).name
+    if name == "mse":
+        return F.mse_loss(out, y)
+    if name == "bce":
+        return F.binary_cross_entropy_with_logits(out, y)
+    if out.ndim > 2 and y.shape != (out.shape[0], *out.shape[2:]):
+        out = out.movedim(-1, 1)  # classes last -> classes in dim 1
+    return F.cross_entropy(out, y, ignore_index=ignore_index)
+
+
+def dense_ggn(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor | None = None,
+    *,
+    loss: str = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
+) -> torch.Tensor:
+    """G = Jᵀ (∇²_f L) J (Eq. 5 and §8: the GGN of the mean loss over the counted predictions), a dense d×d
+    matrix. Without labels every prediction counts ((N, C) logits for cross-entropy).
 
     >>> net = nn.Linear(2, 2).double()
     >>> dense_ggn(net, torch.zeros(1, 2, dtype=torch.float64)).shape
     torch.Size([6, 6])
     """
-    jac = dense_jacobian(model, x)
+    jac = dense_jacobian(model, x, output_fn)
+    f, theta = _flat_fn(model, x, lambda o: o, output_fn)
     with torch.no_grad():
-        p = torch.softmax(model(x), dim=1)
-    h = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
-    return torch.einsum("nci,ncd,ndj->ij", jac, h, jac) / x.shape[0]
+        out = f(theta)
+    if y is None:
+        y = torch.zeros(out.shape[0], dtype=torch.int64) if get_loss(loss).name == "cross_entropy" else out * 0
+    h = hessian(lambda o: reference_loss(o, y, loss, ignore_index))(out)
+    d = jac.shape[-1]
+    jm = jac.reshape(-1, d)
+    return jm.T @ h.reshape(jm.shape[0], jm.shape[0]) @ jm
 
 
-def dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The Hessian of the mean cross-entropy (1/n) Σ_i ℓ_i over θ, a dense d×d matrix."""
-    f, theta = _flat_fn(model, x, lambda out: torch.nn.functional.cross_entropy(out, y))
+def dense_hessian(
+    model: nn.Module,
+    x: Any,
+    y: torch.Tensor,
+    *,
+    loss: str = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
+) -> torch.Tensor:
+    """The Hessian of the mean loss (over the counted predictions) over θ, a dense d×d matrix."""
+    f, theta = _flat_fn(model, x, lambda out: reference_loss(out, y, loss, ignore_index), output_fn)
     return hessian(f)(theta)

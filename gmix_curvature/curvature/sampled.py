@@ -14,19 +14,26 @@ samples with fresh draws for every sample, so the standard error comes from the 
   of J_i J_iᵀ, bounded by Tr(H_i)·λ_max(J_i J_iᵀ) however confident the model (theory/CURVATURE.md).
 * ``output_hutchinson``: u_i ∈ {±1}^C, term ‖J_iᵀ S_i u_i‖², Hutchinson on the C×C matrix
   S_iᵀ J_i J_iᵀ S_i, whose relative variance is at most 2 (theory/CURVATURE.md).
+
+Sequences, pixels and multi-label heads (§8): one draw per counted prediction t, all positions of a sample in
+one backward pass. ``fisher_is`` gives each position an independent Rademacher sign, so that the cross terms
+⟨J_tᵀ v_t, J_t'ᵀ v_t'⟩ of the per-sample norm vanish in expectation; the vectors of ``fisher_mc`` (p_t − e_c,
+c ~ p_t) and ``output_hutchinson`` (S_t u_t) have mean zero already. Every loss of ``_loss`` works the same way.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from gmix_curvature.curvature._engine import ProbeSums, run_per_sample
+from gmix_curvature.curvature._engine import ProbeSums, row_terms, run_per_sample
+from gmix_curvature.curvature._loss import Loss, Predictions, sample_categorical
+from gmix_curvature.curvature._outputs import OutputFn
 from gmix_curvature.curvature._result import CurvatureResult, EstimatorWarning
-from gmix_curvature.curvature._softmax import SoftmaxStats
 
 __all__ = [
     "fisher_mc_ggn_trace",
@@ -34,6 +41,9 @@ __all__ = [
     "output_hutchinson_ggn_trace",
     "MIN_EFFECTIVE_DRAWS",
     "DEFAULT_PROBES",
+    "fisher_is_terms",
+    "fisher_mc_terms",
+    "output_hutchinson_terms",
 ]
 
 DEFAULT_PROBES = 16
@@ -42,32 +52,34 @@ DEFAULT_PROBES = 16
 MIN_EFFECTIVE_DRAWS = 30.0
 
 
-def _gumbel_argmax(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    u = torch.rand(logits.shape, generator=g, dtype=torch.float64).clamp_(min=1e-300)
-    return (logits.double().cpu() - torch.log(-torch.log(u))).argmax(1).to(logits.device)
+def fisher_is_terms(pb: Predictions, g: torch.Generator, diag: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One column c_t ~ q_t ∝ ‖S_t e_c‖² per counted prediction, weight Tr(H_t), and with several positions
+    per sample an independent Rademacher sign per position (the cross terms vanish in expectation, §8)."""
+    loss, s = pb.loss, pb.stats
+    c = sample_categorical(loss.log_column_weights(s), g)
+    yield row_terms(pb, loss.log_trace_h(s), loss.column_unit(s, c), signs=g)
 
 
-def _mc_terms(stats: SoftmaxStats, y: torch.Tensor, g: torch.Generator, diag: dict) -> list:
-    c = _gumbel_argmax(stats.logp, g)
-    rows = torch.arange(c.shape[0], device=c.device)
-    off_top = float(torch.exp(stats.log1m_p[rows, stats.top]).sum())  # Σ_i (1 - p_i,top)
-    diag["expected_off_top"] = diag.get("expected_off_top", 0.0) + off_top
-    diag["draws_off_top"] = diag.get("draws_off_top", 0.0) + float((c != stats.top).sum())
-    return [(torch.exp(stats.log_dist2[rows, c]), stats.unit_direction(c))]
+def fisher_mc_terms(pb: Predictions, g: torch.Generator, diag: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The gradient at one label per counted prediction drawn from the model; zero-mean per position, so
+    no signs are needed for the cross terms to vanish in expectation."""
+    log_w, unit = pb.loss.model_gradient(pb.stats, g, diag)
+    yield row_terms(pb, log_w, unit)
 
 
-def _is_terms(stats: SoftmaxStats, y: torch.Tensor, g: torch.Generator, diag: dict) -> list:
-    logq = stats.logp + stats.log_dist2  # unnormalised: log p_ic + log ‖p_i - e_c‖²
-    c = _gumbel_argmax(logq, g)
-    return [(torch.exp(stats.log_trace_h), stats.unit_direction(c))]  # p/q · ‖p - e_c‖² = Tr(H_i)
+def output_hutchinson_terms(pb: Predictions, g: torch.Generator, diag: dict) -> Iterator[tuple]:
+    """S_t u_t with u_t ∈ {±1}^K independent per counted prediction (zero-mean: no cross terms on average)."""
+    u = (torch.randint(0, 2, pb.f.shape, generator=g) * 2 - 1).to(pb.f)
+    yield torch.ones(pb.n_samples, dtype=pb.f.dtype, device=pb.f.device), pb.to_output(pb.loss.s_times(pb.stats, u))
 
 
-def _oh_terms(stats: SoftmaxStats, y: torch.Tensor, g: torch.Generator, diag: dict) -> list:
-    u = (torch.randint(0, 2, stats.p.shape, generator=g) * 2 - 1).to(stats.p)
-    return [(torch.ones_like(stats.p[:, 0]), stats.s_times(u))]
+# the names of issue 9's code, kept for callers
+_is_terms, _mc_terms, _oh_terms = fisher_is_terms, fisher_mc_terms, output_hutchinson_terms
 
 
 def _mc_finish(diag: dict, sums: ProbeSums) -> dict:
+    if "expected_off_top" not in diag:  # mse: Gaussian labels, no predicted class to collapse onto
+        return {}
     ess = diag.get("expected_off_top", 0.0)
     out = {"effective_sample_size": ess, "draws_off_top": diag.get("draws_off_top", 0.0)}
     if ess < MIN_EFFECTIVE_DRAWS:
@@ -91,6 +103,9 @@ def fisher_mc_ggn_trace(
     batch_size: int | None = None,
     backend: str = "auto",
     progress: bool = False,
+    loss: str | Loss = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
 ) -> CurvatureResult:
     """Tr(G) with labels drawn from the model's own softmax (the textbook Monte Carlo Fisher, Eq. 5).
 
@@ -102,11 +117,14 @@ def fisher_mc_ggn_trace(
     ``generator`` is a ``torch.Generator`` or an int seed. The draws of a probe on a batch depend only on
     the probe's seed and the batch index, so ``torchrun`` gives the single-process result.
     ``per_param`` holds the block traces Tr(G_ll), ``per_param_stderr`` their standard errors.
+    ``loss``, ``ignore_index``, ``output_fn``: as for :func:`~gmix_curvature.curvature.exact_ggn_trace`; one
+    draw per counted prediction (§8).
     """
     return run_per_sample(
         model, data, num_probes=num_probes, generator=generator, target_rel_stderr=target_rel_stderr,
         max_probes=max_probes, bn_mode=bn_mode, batch_size=batch_size, backend=backend, progress=progress,
-        terms=_mc_terms, method="fisher_mc", finish=_mc_finish,
+        terms=_mc_terms, loss=loss, ignore_index=ignore_index, output_fn=output_fn, method="fisher_mc",
+        finish=_mc_finish,
     )
 
 
@@ -122,6 +140,9 @@ def fisher_is_ggn_trace(
     batch_size: int | None = None,
     backend: str = "auto",
     progress: bool = False,
+    loss: str | Loss = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
 ) -> CurvatureResult:
     """Tr(G) (Eq. 5) with importance-sampled labels, q_ic ∝ p_ic ‖p_i - e_c‖²: Tr(H_i) times a Rayleigh quotient.
 
@@ -130,6 +151,8 @@ def fisher_is_ggn_trace(
     ``generator`` is a ``torch.Generator`` or an int seed. The draws of a probe on a batch depend only on
     the probe's seed and the batch index, so ``torchrun`` gives the single-process result.
     ``per_param`` holds the block traces Tr(G_ll), ``per_param_stderr`` their standard errors.
+    ``loss``, ``ignore_index``, ``output_fn``: as for :func:`~gmix_curvature.curvature.exact_ggn_trace`; one
+    draw per counted prediction (§8).
 
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -142,7 +165,7 @@ def fisher_is_ggn_trace(
     return run_per_sample(
         model, data, num_probes=num_probes, generator=generator, target_rel_stderr=target_rel_stderr,
         max_probes=max_probes, bn_mode=bn_mode, batch_size=batch_size, backend=backend, progress=progress,
-        terms=_is_terms, method="fisher_is",
+        terms=_is_terms, loss=loss, ignore_index=ignore_index, output_fn=output_fn, method="fisher_is",
     )
 
 
@@ -158,6 +181,9 @@ def output_hutchinson_ggn_trace(
     batch_size: int | None = None,
     backend: str = "auto",
     progress: bool = False,
+    loss: str | Loss = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
 ) -> CurvatureResult:
     """Tr(G) (Eq. 5) with Rademacher probes u_i ∈ {±1}^C per sample in output space: ‖J_iᵀ S_i u_i‖².
 
@@ -166,9 +192,11 @@ def output_hutchinson_ggn_trace(
     ``generator`` is a ``torch.Generator`` or an int seed. The draws of a probe on a batch depend only on
     the probe's seed and the batch index, so ``torchrun`` gives the single-process result.
     ``per_param`` holds the block traces Tr(G_ll), ``per_param_stderr`` their standard errors.
+    ``loss``, ``ignore_index``, ``output_fn``: as for :func:`~gmix_curvature.curvature.exact_ggn_trace`; one
+    draw per counted prediction (§8).
     """
     return run_per_sample(
         model, data, num_probes=num_probes, generator=generator, target_rel_stderr=target_rel_stderr,
         max_probes=max_probes, bn_mode=bn_mode, batch_size=batch_size, backend=backend, progress=progress,
-        terms=_oh_terms, method="output_hutchinson",
+        terms=_oh_terms, loss=loss, ignore_index=ignore_index, output_fn=output_fn, method="output_hutchinson",
     )
