@@ -29,7 +29,7 @@ from gmix_curvature.curvature._data import all_reduce_sum, as_batches, world
 from gmix_curvature.curvature._loss import Loss, Predictions, get_loss
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, has_batchnorm, model_device_dtype, trainable
 from gmix_curvature.curvature._norms import PerSampleNorms
-from gmix_curvature.curvature._outputs import OutputFn, predictions, resolve_output_fn
+from gmix_curvature.curvature._outputs import OutputFn, model_output, predictions, resolve_output_fn
 from gmix_curvature.curvature._result import CurvatureResult
 from gmix_curvature.errors import GmixError
 
@@ -249,7 +249,7 @@ def row_terms(
 def _per_sample_norms(model: nn.Module, params: dict, backend: str, output_fn: OutputFn | None) -> PerSampleNorms:
     if "output_fn" in inspect.signature(PerSampleNorms).parameters:
         return PerSampleNorms(model, params, backend, output_fn=output_fn)
-    if output_fn is not None:  # pragma: no cover - the interface of issue 15 (H3) is not in this tree
+    if output_fn not in (None, model_output):  # pragma: no cover - an engine without issue 15's interface
         raise GmixError("this version of the per-sample-norm engine takes no output_fn")
     return PerSampleNorms(model, params, backend)
 
