@@ -1,18 +1,35 @@
 """Per-sample squared gradient norms ‖J_iᵀ v_i‖² of the surrogate loss Σ_i ⟨f_i, v_i⟩, per parameter.
 
 This is the inner loop of every estimator built on per-sample norms (exact, fisher_mc, fisher_is,
-output_hutchinson, the empirical Fisher). Two backends:
+output_hutchinson, the empirical Fisher). The output f_i may hold several predictions per sample (N, C),
+(N, T, C), (N, C, d1, ...): the norm is of the gradient of the sum over the sample's positions, cross terms
+between positions included. Two backends:
 
-* ``"hooks"`` — layer rules that never form per-sample gradients of the whole model. One forward pass
-  records each layer's input; each backward pass (one per output-space vector v) records the gradient
-  at each layer's output, and the per-sample norms follow per layer:
-  Linear ‖a_i‖²‖g_i‖² (the "ghost norm"); Conv2d either the ghost norm Σ_{l,l'} (U_iᵀU_i)_{ll'}(G_iᵀG_i)_{ll'}
-  of the unfolded input U_i and output gradient G_i, or the materialised per-sample weight gradient
-  G_i U_iᵀ, whichever costs fewer operations (ghost wins at small spatial size and large width);
-  BatchNorm in eval mode Σ_spatial g ⊙ x̂ and Σ_spatial g. The forward pass is shared by all vectors.
-* ``"func"`` — ``torch.func.vmap(grad)`` over samples: any model whose samples are independent.
+* ``"hooks"`` — per-layer rules (:mod:`._rules`) that never form per-sample gradients of the whole model.
+  One forward pass records each layer call's input; each backward pass (one per output-space vector v)
+  records the gradient at each layer's output, and each rule turns the pair into per-sample squared norms
+  of that layer's own parameters: Linear over positions (ghost or materialised by operation count),
+  Conv1d/Conv2d (ghost or materialised, unfolded inputs cached across passes up to ``CACHE_BUDGET``),
+  LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode, Embedding (ghost norm through token equality),
+  nn.MultiheadAttention as one module (its ``out_proj`` is called functionally). Every other module that
+  owns parameters goes to the module-local fallback (``torch.func`` on that module alone, from its recorded
+  inputs and output gradient). Parameters that a non-leaf module uses directly are either registered
+  batch-broadcast parameters (:data:`BROADCAST_PARAMS`: the ViT class token and position embedding; the
+  parameter is replaced during its module's forward by a view expanded over the batch, whose gradient is
+  the per-sample gradient) or go to the fallback on their module with only those parameters substituted.
+  A parameter used more than once (tied weights, a module called twice) gets the per-sample gradients of
+  all its uses summed before the square: Σ_u ‖G^(u)‖² + 2 Σ_{u<u'} ⟨G^(u), G^(u')⟩, the cross terms from
+  the factored (ghost) forms of Linear and Embedding uses (no per-sample (V, d) tensor), else from dense
+  per-sample gradients of the uses. A module called on a batch of 1 inside a batch of N (a position
+  embedding on (1, T) ids) is taken to broadcast over the batch: its output is expanded to N.
+  ``routes`` says which path each module took.
+* ``"func"`` — ``torch.func.vmap(grad)`` over samples of the whole model: any model whose samples are
+  independent (one sample at a time where the forward has data-dependent control flow that vmap refuses,
+  as Hugging Face's attention-mask helpers). It is the reference of the tests.
 
-``"auto"`` takes the hooks where every parameter sits in a supported layer, else ``torch.func``.
+``"auto"`` takes the hooks unless the model cannot use them (a sequence-first module, ``batch_first=False``;
+BatchNorm without running statistics; a parameter used outside the modules that own it, found on the first
+forward pass), then ``torch.func``.
 """
 
 from __future__ import annotations
@@ -21,127 +38,148 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from gmix_curvature.curvature._outputs import OutputFn, call_model, resolve_output_fn
+from gmix_curvature.curvature._rules import Factor, Record, inner, rule_for
+from gmix_curvature.curvature._rules.conv import CACHE_BUDGET, UNFOLD_BUDGET, conv_rule
+from gmix_curvature.curvature._rules.functorch import fallback_grads, fallback_norms
 from gmix_curvature.errors import GmixError
 
-__all__ = ["PerSampleNorms", "BACKENDS", "supports_hooks"]
+__all__ = ["PerSampleNorms", "BACKENDS", "BROADCAST_PARAMS", "CACHE_BUDGET", "conv_rule", "supports_hooks"]
 
 BACKENDS = ("auto", "hooks", "func")
-_UNFOLD_BUDGET = 2**25  # elements of an unfolded input chunk
-# Unfolded conv inputs kept between the backward passes of one forward pass (exact's C classes, the
-# probes of a stochastic method) up to this many elements; beyond it they are recomputed each pass.
-CACHE_BUDGET = 2**26
+_UNFOLD_BUDGET = UNFOLD_BUDGET
+# (module class path, parameter name): parameters of shape (1, ...) that their module adds to / concatenates
+# with every sample of the batch by broadcasting, so that an (N, ...) expansion gives per-sample gradients.
+BROADCAST_PARAMS: set[tuple[str, str]] = {
+    ("torchvision.models.vision_transformer.VisionTransformer", "class_token"),
+    ("torchvision.models.vision_transformer.Encoder", "pos_embedding"),
+}
 
 
-def _hookable(m: nn.Module) -> bool:
-    if isinstance(m, nn.Linear):
-        return True
-    if isinstance(m, nn.Conv2d):
-        return m.padding_mode == "zeros"
-    if isinstance(m, _BatchNorm):
-        return m.track_running_stats and m.running_mean is not None
-    return False
+class _Unsupported(Exception):
+    """The model cannot take the hooks backend (the reason is the message)."""
+
+
+def _class_path(m: nn.Module) -> str:
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, tuple[str, Any, dict[str, str]]]:
+    """{module name: (route, rule, {local parameter name: global name})} for the modules owning tracked
+    parameters; raises _Unsupported where the hooks cannot apply."""
+    names = {id(p): name for name, p in params.items() if p.requires_grad}
+    registered: dict[int, list[str]] = {}  # parameter -> the modules that register it
+    for mname, m in model.named_modules():
+        for p in m.parameters(recurse=False):
+            registered.setdefault(id(p), []).append(mname)
+
+    def below(mname: str, p: nn.Parameter) -> bool:
+        """Also registered by a descendant (Hugging Face's head bias tied to its decoder's): its use is there."""
+        return any(o != mname and (mname == "" or o.startswith(mname + ".")) for o in registered[id(p)])
+
+    plan: dict[str, tuple[str, Any, dict[str, str]]] = {}
+    claimed: set[str] = set()  # modules whose parameters an enclosing rule owns (MultiheadAttention.out_proj)
+    for mname, m in model.named_modules():
+        if getattr(m, "batch_first", True) is False:
+            raise _Unsupported(f"module {mname or type(m).__name__!r} is sequence-first (batch_first=False)")
+        if isinstance(m, _BatchNorm) and m.running_mean is None:
+            raise _Unsupported(f"BatchNorm {mname!r} has no running statistics: its samples are not independent")
+        if any(mname.startswith(c + ".") for c in claimed):
+            continue
+        rule = rule_for(m)
+        if rule is not None:
+            local = {k: names[id(p)] for k, p in rule.params(m).items() if id(p) in names}
+            if local:
+                plan[mname] = (f"rule:{rule.name}", rule, local)
+            if any(True for _ in m.children()):
+                claimed.add(mname)
+            continue
+        own = m.named_parameters(recurse=False)
+        local = {k: names[id(p)] for k, p in own if id(p) in names and not below(mname, p)}
+        if not local:
+            continue
+        path = _class_path(m)
+        leaf = not any(True for _ in m.children())
+        if not leaf and all((path, k) in BROADCAST_PARAMS and m.get_parameter(k).shape[0] == 1 for k in local):
+            plan[mname] = ("broadcast", None, local)
+        else:
+            plan[mname] = ("fallback", None, local)
+    return plan
 
 
 def supports_hooks(model: nn.Module, params: dict[str, nn.Parameter]) -> bool:
-    """Whether every trainable parameter belongs to exactly one supported layer."""
-    owner: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if p.requires_grad:
-                if not _hookable(m):
-                    return False
-                owner[id(p)] = owner.get(id(p), 0) + 1
-    return all(owner.get(id(p), 0) == 1 for p in params.values())
+    """Whether the hooks backend (per-layer rules and the module-local fallback) applies to the model."""
+    try:
+        _plan(model, params)
+    except _Unsupported:
+        return False
+    return True
 
 
-def _linear_norms(m: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    n = a.shape[0]
-    a = a.reshape(n, -1, a.shape[-1])
-    g = g.reshape(n, -1, g.shape[-1])
-    out = {}
-    if a.shape[1] == 1:
-        out["weight"] = a.square().sum((1, 2)) * g.square().sum((1, 2))
-    else:
-        t, din, dout = a.shape[1], a.shape[2], g.shape[2]
-        if t * t * (din + dout) < t * din * dout:
-            out["weight"] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-        else:
-            out["weight"] = torch.einsum("nti,nto->nio", a, g).square().sum((1, 2))
-    if m.bias is not None:
-        out["bias"] = g.sum(1).square().sum(1)
-    return out
+def _batch_size(x: Any) -> int:
+    for t in _tensors(x):
+        if t.dim() > 0:
+            return int(t.shape[0])
+    raise GmixError("the batch holds no batch-first tensor")
 
 
-def conv_rule(m: nn.Conv2d, n: int, spatial_out: int) -> str:
-    """``"ghost"`` or ``"materialise"``: the cheaper per-sample rule of a Conv2d layer (operation count)."""
-    k = m.kernel_size[0] * m.kernel_size[1]
-    cin, cout = m.in_channels // m.groups, m.out_channels // m.groups
-    ghost = spatial_out * spatial_out * (cin * k + cout)
-    mat = cout * cin * k * spatial_out
-    return "ghost" if ghost < mat else "materialise"
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, Mapping):
+        return [t for t in x.values() if isinstance(t, torch.Tensor)]
+    return [x] if isinstance(x, torch.Tensor) else []
 
 
-def _conv_norms(
-    m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, rule: str | None, cache: dict | None = None
-) -> dict[str, torch.Tensor]:
-    n, groups = a.shape[0], m.groups
-    g = g.reshape(n, groups, m.out_channels // groups, -1)  # (n, G, cout, L)
-    spatial = g.shape[-1]
-    rule = rule or conv_rule(m, n, spatial)
-    per_sample = a[0].numel() * m.kernel_size[0] * m.kernel_size[1]
-    chunk = max(1, _UNFOLD_BUDGET // max(per_sample, 1))
-    parts = []
-    for s in range(0, n, chunk):
-        key = (id(m), s)
-        if cache is not None and key in cache:
-            u = cache[key]  # the unfolded input (or its Gram matrix) of this forward pass, shared by all v
-        else:
-            u = F.unfold(a[s : s + chunk], m.kernel_size, m.dilation, m.padding, m.stride)
-            u = u.reshape(u.shape[0], groups, -1, spatial)  # (c, G, cin·k, L)
-            if rule == "ghost":
-                u = torch.einsum("ngil,ngim->nglm", u, u)
-            if cache is not None and cache.get("_free", 0) >= u.numel():
-                cache[key] = u
-                cache["_free"] -= u.numel()
-        gc = g[s : s + chunk]
-        if rule == "ghost":
-            gg = torch.einsum("ngol,ngom->nglm", gc, gc)
-            parts.append((u * gg).sum((1, 2, 3)))
-        else:
-            parts.append(torch.einsum("ngil,ngol->ngio", u, gc).square().sum((1, 2, 3)))
-    out = {"weight": torch.cat(parts)}
-    if m.bias is not None:
-        out["bias"] = g.sum(-1).square().sum((1, 2))
-    return out
+def _leaves(x: Any) -> Any:
+    """The batch with its floating-point tensors as fresh leaves that require grad (the backward's stopping set)."""
+
+    def leaf(t: Any) -> Any:
+        if isinstance(t, torch.Tensor):
+            return t.detach().requires_grad_(t.dtype.is_floating_point)
+        return t
+
+    if isinstance(x, Mapping):
+        return {k: leaf(t) for k, t in x.items()}
+    return leaf(x)
 
 
-def _bn_norms(m: _BatchNorm, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    n, ch = a.shape[0], a.shape[1]
-    shape = (1, ch) + (1,) * (a.ndim - 2)
-    xhat = (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
-    out = {}
-    if m.weight is not None:
-        out["weight"] = (g * xhat).reshape(n, ch, -1).sum(-1).square().sum(1)
-    if m.bias is not None:
-        out["bias"] = g.reshape(n, ch, -1).sum(-1).square().sum(1)
-    return out
+def _detach(t: Any) -> Any:
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
+class _Watch(TorchFunctionMode):
+    """Finds tracked parameters used by a torch function outside the forward of every module owning them
+    (a parent calling ``F.linear(h, self.embed.weight)``): the hooks would miss that use."""
+
+    def __init__(self, owners: dict[int, set[int]], active: list[int]) -> None:
+        super().__init__()
+        self.owners, self.active = owners, active
+        self.stray: set[int] = set()
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, torch.Tensor) and id(t) in self.owners and not (self.owners[id(t)] & set(self.active)):
+                    self.stray.add(id(t))
+        return out
 
 
 class PerSampleNorms:
     """Per-sample squared gradient norms of Σ_i ⟨f_i, v_i⟩ for many v, one forward pass shared.
 
     >>> torch.manual_seed(0) and None
-    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     >>> psn = PerSampleNorms(net, dict(net.named_parameters()))
     >>> logits = psn.forward(torch.randn(5, 3))
     >>> norms = psn.norms(torch.ones(5, 2))
-    >>> sorted(norms), tuple(norms["0.weight"].shape)
-    (['0.bias', '0.weight', '2.bias', '2.weight'], (5,))
+    >>> sorted(norms), tuple(norms["0.weight"].shape), psn.routes["1"]
+    (['0.bias', '0.weight', '1.bias', '1.weight', '2.bias', '2.weight'], (5,), 'rule:layer_norm')
     """
 
     def __init__(
@@ -156,82 +194,234 @@ class PerSampleNorms:
             raise GmixError(f"unknown per-sample-norm backend {backend!r}; valid: {', '.join(BACKENDS)}")
         if conv_rule not in (None, "ghost", "materialise"):
             raise GmixError(f"unknown conv rule {conv_rule!r}; valid: ghost, materialise")
-        ok = supports_hooks(model, params)
-        if backend == "hooks" and not ok:
-            raise GmixError("the hooks backend supports Linear, Conv2d and BatchNorm layers only; use backend='func'")
-        self.backend = "hooks" if (backend == "hooks" or (backend == "auto" and ok)) else "func"
         self.model, self.params, self.conv_rule = model, params, conv_rule
         self.output_fn = resolve_output_fn(output_fn)
-        self._names = {id(p): name for name, p in params.items()}
+        self.requested = backend
+        self.reason: str | None = None  # why auto took torch.func
+        self._plan: dict[str, tuple[str, Any, dict[str, str]]] = {}
+        if backend != "func":
+            try:
+                self._plan = _plan(model, params)
+            except _Unsupported as exc:
+                if backend == "hooks":
+                    raise GmixError(f"the hooks backend cannot take this model: {exc}; use backend='func'") from None
+                self.reason = str(exc)
+        self.backend = "func" if backend == "func" or self.reason else "hooks"
+        self._checked = False
         self._x: Any = None
         self._logits: torch.Tensor | None = None
-        self._records: list[tuple[nn.Module, str, torch.Tensor, list]] = []
+        self._records: list[tuple[Record, str, Any, dict[str, str]]] = []
+        self._stops: list[torch.Tensor] = []
 
-    # hooks backend -----------------------------------------------------------------------------
-    def _forward_hook(self, prefix: str) -> Callable:
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            slot: list = []
-            self._records.append((module, prefix, inputs[0].detach(), slot))
-            output.register_hook(lambda grad: slot.append(grad.detach()))
+    @property
+    def routes(self) -> dict[str, str]:
+        """{module name: "rule:<layer>" | "fallback" | "broadcast"} of the hooks backend ({} for torch.func)."""
+        return {} if self.backend == "func" else {name: r[0] for name, r in self._plan.items()}
 
-        return hook
-
+    # forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Run the model on a batch (a batch-first tensor, or a mapping of them passed as ``model(**x)``) and
         keep what the backward passes need; returns ``output_fn`` of the output, detached, of any shape."""
-        self._records = []
-        self._cache: dict = {"_free": CACHE_BUDGET}
-        if self.backend == "func":
-            self._x = x
-            with torch.no_grad():
-                self._logits = self.output_fn(call_model(self.model, x))
-            return self._logits
-        handles = [
-            m.register_forward_hook(self._forward_hook(name))
-            for name, m in self.model.named_modules()
-            if _hookable(m) and any(p.requires_grad for p in m.parameters(recurse=False))
-        ]
+        self._records, self._stops = [], []
+        if self.backend == "hooks":
+            try:
+                return self._hooked_forward(x)
+            except _Unsupported as exc:
+                self._records, self._stops = [], []
+                if self.requested == "hooks":
+                    raise GmixError(f"the hooks backend cannot take this model: {exc}; use backend='func'") from None
+                self.reason, self.backend = str(exc), "func"
+        self._x = x
+        with torch.no_grad():
+            self._logits = self.output_fn(call_model(self.model, x))
+        return self._logits
+
+    def _hooked_forward(self, x: Any) -> torch.Tensor:
+        n = _batch_size(x)
+        budget = [CACHE_BUDGET]  # unfolded conv inputs kept across the backward passes of this forward
+        active: list[int] = []
+        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+        modules = dict(self.model.named_modules())
+
+        def pre_hook(mname: str) -> Callable:
+            route, _, local = self._plan[mname]
+
+            def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
+                active.append(id(m))
+                if route == "broadcast":
+                    for k in local:
+                        p = m._parameters[k]
+                        rep = p.detach().expand(n, *p.shape[1:]).requires_grad_()
+                        swapped.append((m, k, p))
+                        m._parameters[k] = rep
+                        rec = Record(m, (), {}, n, grads=[None])
+                        rep.register_hook(self._slot(rec, 0))
+                        self._stops.append(rep)
+                        self._records.append((rec, route, None, {k: local[k]}))
+
+            return hook
+
+        def post_hook(mname: str) -> Callable:
+            route, rule, local = self._plan[mname]
+
+            def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+                active.pop()
+                if route == "broadcast":
+                    while swapped and swapped[-1][0] is m:
+                        _, k, p = swapped.pop()
+                        m._parameters[k] = p
+                    return None
+                flat, spec = tree_flatten(out)
+                slots = [j for j, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+                if rule is not None:
+                    slots = slots[:1]
+                if not slots:
+                    return None
+                expand = False
+                for j in slots:
+                    t = flat[j]
+                    if t.dim() == 0 or t.shape[0] not in (n, 1):
+                        raise _Unsupported(f"module {mname!r} returned shape {tuple(t.shape)} for a batch of {n}")
+                    expand = expand or (t.shape[0] == 1 and n > 1)
+                rec_args, rec_kwargs = tree_map(_detach, args), tree_map(_detach, kwargs)
+                if expand and rule is not None:
+                    rec_args = tuple(a.expand(n, *a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() > 0
+                                     and a.shape[0] == 1 else a for a in rec_args)  # fmt: skip
+                rec = Record(m, rec_args, rec_kwargs, n, grads=[None] * len(slots), cache={},
+                             options={"conv_rule": self.conv_rule, "budget": budget})  # fmt: skip
+                for i, j in enumerate(slots):
+                    t = flat[j]
+                    if not t.requires_grad:
+                        t = t.detach().requires_grad_()
+                        self._stops.append(t)
+                    if t.shape[0] == 1 and n > 1:
+                        t = t.expand(n, *t.shape[1:])
+                    t.register_hook(self._slot(rec, i))
+                    flat[j] = t
+                self._records.append((rec, route, rule, local))
+                return tree_unflatten(flat, spec)
+
+            return hook
+
+        handles = []
+        for mname in self._plan:
+            m = modules[mname]
+            handles.append(m.register_forward_pre_hook(pre_hook(mname), with_kwargs=True))
+            handles.append(m.register_forward_hook(post_hook(mname), with_kwargs=True))
+        frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+        watch = None
+        if not self._checked:
+            owners: dict[int, set[int]] = {}
+            for mname, (_, rule, local) in self._plan.items():
+                m = modules[mname]
+                own = rule.params(m) if rule is not None else dict(m.named_parameters(recurse=False))
+                for k in local:
+                    owners.setdefault(id(own[k]), set()).add(id(m))
+            watch = _Watch(owners, active)
         try:
+            for p, _ in frozen:  # params frozen: the backward reaches only the stopping set, no weight gradients
+                p.requires_grad_(False)
             self._x = _leaves(x)
+            self._stops.extend(t for t in _tensors(self._x) if t.requires_grad)
             with torch.enable_grad():
-                self._logits = self.output_fn(call_model(self.model, self._x))
+                if watch is not None:
+                    with watch:
+                        out = call_model(self.model, self._x)
+                else:
+                    out = call_model(self.model, self._x)
+                self._logits = self.output_fn(out)
         finally:
             for h in handles:
                 h.remove()
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+            for m, k, p in reversed(swapped):
+                m._parameters[k] = p
+        if watch is not None:
+            if watch.stray:
+                names = {id(p): name for name, p in self.params.items()}
+                stray = sorted(names.get(i, "?") for i in watch.stray)
+                raise _Unsupported(f"parameter {stray[0]!r} is used outside the forward of the module owning it")
+            self._checked = True
         return self._logits.detach()
 
+    @staticmethod
+    def _slot(rec: Record, i: int) -> Callable:
+        def hook(grad: torch.Tensor) -> None:
+            rec.grads[i] = grad.detach()
+
+        return hook
+
+    # norms -------------------------------------------------------------------------------------
     def norms(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """{parameter name: (n,) tensor of ‖∂⟨f_i, v_i⟩/∂θ_l‖²} for the batch of the last :meth:`forward`.
 
         ``v`` has the shape of the output; for several positions per sample (N, T, C) the norm is of the sum
-        over the sample's positions, cross terms between positions included."""
+        over the sample's positions, cross terms between positions included. Tied weights: the per-sample
+        gradients of all uses are summed before the square."""
         if self._logits is None:
             raise RuntimeError("call forward() first")
+        if tuple(v.shape) != tuple(self._logits.shape):
+            raise GmixError(f"v has shape {tuple(v.shape)}, the model's output {tuple(self._logits.shape)}")
         if self.backend == "func":
             return self._func_norms(v)
-        for _, _, _, slot in self._records:
-            slot.clear()
-        leaves = [t for t in _tensors(self._x) if t.requires_grad] or list(self.params.values())
-        torch.autograd.grad(self._logits, leaves, grad_outputs=v.to(self._logits.dtype), retain_graph=True,
-                            allow_unused=True)
-        out: dict[str, torch.Tensor] = {}
-        for module, _, a, slot in self._records:
-            if not slot:
-                g = torch.zeros((a.shape[0],), dtype=a.dtype, device=a.device)
-                rules = {k: g for k, p in module.named_parameters(recurse=False) if p.requires_grad}
-            else:
-                grad = slot[0]
-                if isinstance(module, nn.Linear):
-                    rules = _linear_norms(module, a, grad)
-                elif isinstance(module, nn.Conv2d):
-                    rules = _conv_norms(module, a, grad, self.conv_rule, self._cache)
+        for rec, *_ in self._records:
+            rec.grads = [None] * len(rec.grads)
+        if self._stops and self._logits.requires_grad:
+            torch.autograd.grad(self._logits, self._stops, grad_outputs=v.to(self._logits.dtype), retain_graph=True,
+                                allow_unused=True)  # fmt: skip
+        with torch.no_grad():
+            return self._assemble(v)
+
+    def _assemble(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = v.shape[0]
+        uses: dict[str, list[tuple[int, str]]] = {}
+        for r, (_, _, _, local) in enumerate(self._records):
+            for k, name in local.items():
+                uses.setdefault(name, []).append((r, k))
+        norm_cache: dict[int, dict[str, torch.Tensor]] = {}
+        grad_cache: dict[int, dict[str, Factor | torch.Tensor]] = {}
+
+        def norms_of(r: int) -> dict[str, torch.Tensor]:
+            if r not in norm_cache:
+                rec, route, rule, local = self._records[r]
+                if all(g is None for g in rec.grads):
+                    norm_cache[r] = {k: v.new_zeros(n) for k in local}
+                elif route == "broadcast":
+                    norm_cache[r] = {k: rec.g.reshape(n, -1).square().sum(1) for k in local}
+                elif rule is not None:
+                    norm_cache[r] = rule.norms(rec)
                 else:
-                    rules = _bn_norms(module, a, grad)
-            for key, val in rules.items():
-                name = self._names.get(id(getattr(module, key)))
-                if name is not None:
-                    out[name] = out[name] + val if name in out else val
-        return {name: out[name] for name in self.params if name in out}
+                    norm_cache[r] = fallback_norms(rec, list(local))
+            return norm_cache[r]
+
+        def grads_of(r: int) -> dict[str, Factor | torch.Tensor]:
+            if r not in grad_cache:
+                rec, route, rule, local = self._records[r]
+                got = None
+                if all(g is None for g in rec.grads):
+                    got = {k: torch.zeros(n, *self.params[name].shape, dtype=v.dtype, device=v.device)
+                           for k, name in local.items()}  # fmt: skip
+                elif route == "broadcast":
+                    got = {k: rec.g for k in local}
+                elif rule is not None:
+                    got = rule.grads(rec)
+                grad_cache[r] = got if got is not None else fallback_grads(rec, list(local))
+            return grad_cache[r]
+
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.params.items():
+            us = uses.get(name, [])
+            if not us:
+                out[name] = v.new_zeros(n)
+                continue
+            total = sum(norms_of(r)[k] for r, k in us)
+            for a in range(len(us)):
+                for b in range(a + 1, len(us)):
+                    (ra, ka), (rb, kb) = us[a], us[b]
+                    total = total + 2 * inner(grads_of(ra)[ka], grads_of(rb)[kb], p.shape)
+            out[name] = total
+        return out
 
     # torch.func backend ------------------------------------------------------------------------
     def _func_norms(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -253,24 +443,11 @@ class PerSampleNorms:
                 out = functional_call(self.model, (params, buffers), (xi.unsqueeze(0),))
             return (self.output_fn(out)[0] * vi).sum()
 
-        per_sample = vmap(grad(surrogate), in_dims=(None, 0, 0), chunk_size=64)(detached, batched, v)
+        try:
+            per_sample = vmap(grad(surrogate), in_dims=(None, 0, 0), chunk_size=64)(detached, batched, v)
+        except RuntimeError as exc:  # data-dependent control flow (Hugging Face's mask helpers): one sample at a time
+            if "vmap" not in str(exc):
+                raise
+            rows = [grad(surrogate)(detached, tree_map(lambda t, i=i: t[i], batched), v[i]) for i in range(v.shape[0])]
+            per_sample = {k: torch.stack([r[k] for r in rows]) for k in names}
         return {k: per_sample[k].reshape(v.shape[0], -1).square().sum(1) for k in names}
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, Mapping):
-        return [t for t in x.values() if isinstance(t, torch.Tensor)]
-    return [x] if isinstance(x, torch.Tensor) else []
-
-
-def _leaves(x: Any) -> Any:
-    """The batch with its floating-point tensors as fresh leaves that require grad (the backward's stopping set)."""
-
-    def leaf(t: Any) -> Any:
-        if isinstance(t, torch.Tensor):
-            return t.detach().requires_grad_(t.dtype.is_floating_point)
-        return t
-
-    if isinstance(x, Mapping):
-        return {k: leaf(t) for k, t in x.items()}
-    return leaf(x)

@@ -1,0 +1,317 @@
+"""Per-layer rules (the hooks backend of PerSampleNorms) == the whole-model torch.func path, float64.
+
+Cases are data: a model factory, a batch factory, an output adapter, and the route every module owning
+parameters must take (so that a regression to the module-local fallback, or to the whole-model path, fails).
+Each case draws one output-space vector v of the output's shape, so sequence outputs carry the cross terms
+between positions that the norm of a sample's summed gradient must include.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from gmix_curvature.curvature._norms import PerSampleNorms, supports_hooks
+from gmix_curvature.errors import GmixError
+from gmix_curvature.transformer import TransformerSeq2Seq
+
+RTOL = 1e-10  # relative, per parameter; float64 rounding of the two paths' different summation orders
+
+
+@dataclass(frozen=True)
+class NormCase:
+    name: str
+    build: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], Any]
+    routes: dict[str, str] = field(default_factory=dict)  # module name -> route it must take
+    fallbacks: int = 0  # how many modules may take the module-local fallback
+    output_fn: Callable[[Any], torch.Tensor] | None = None
+
+
+# --- models ---------------------------------------------------------------------------------------
+class CausalLM(nn.Module):
+    """Embedding (padding 0) -> one post-norm nn.TransformerEncoderLayer (causal mask, key padding) -> head."""
+
+    def __init__(self, vocab: int = 13, d: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(6, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        h = self.embed(ids) + self.pos(torch.arange(t).unsqueeze(0))  # positions: a batch of 1, broadcast
+        mask = nn.Transformer.generate_square_subsequent_mask(t, dtype=torch.bool)
+        return self.head(self.layer(h, src_mask=mask, src_key_padding_mask=ids == 0, is_causal=True))
+
+
+class Scaled(nn.Module):
+    """A custom layer: no rule knows it."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.shift = nn.Parameter(torch.linspace(-0.2, 0.3, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x * self.gamma) + self.shift**2
+
+
+class Block(nn.Module):
+    """A non-leaf module with a parameter of its own (a layer scale) around a Linear child."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.scale = nn.Parameter(torch.linspace(0.1, 0.9, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.scale * torch.tanh(self.fc(x))
+
+
+def _conv1d_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv1d(4, 4, 4, padding="same", dilation=2, groups=2, bias=False), nn.Tanh(),
+        nn.Conv1d(4, 3, 3, stride=2), nn.Flatten(), nn.Linear(12, 5),
+    )  # fmt: skip
+
+
+def _group_norm_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.Tanh(), nn.Conv2d(4, 6, 3, stride=2), nn.GroupNorm(3, 6),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
+    )  # fmt: skip
+
+
+def _layer_norm_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 6), nn.RMSNorm(6),
+                         nn.Linear(6, 4))  # fmt: skip
+
+
+class EmbeddingLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 6, padding_idx=0)
+        self.fc = nn.Linear(6, 9)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.tanh(self.embed(ids)))
+
+
+def _seq2seq() -> nn.Module:
+    return TransformerSeq2Seq(11, max_len=6, d_model=8, nhead=2, num_layers=1, dim_feedforward=16, dropout=0.0)
+
+
+def _vit() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                             num_classes=10)  # fmt: skip
+
+
+def _convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=5)
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=16, bos_token_id=1, eos_token_id=1)
+    return GPT2LMHeadModel(cfg)
+
+
+def _bert() -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=16, type_vocab_size=2)  # fmt: skip
+    return BertForMaskedLM(cfg)
+
+
+def _custom() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 6), Scaled(6), Block(6), nn.Linear(6, 3))
+
+
+# --- batches --------------------------------------------------------------------------------------
+def _ids(g: torch.Generator, n: int, t: int, vocab: int, pad: bool = True) -> torch.Tensor:
+    ids = torch.randint(1, 4, (n, t), generator=g)  # few distinct tokens: repeats within a sample
+    ids[:, ::2] = torch.randint(1, vocab, (n, (t + 1) // 2), generator=g)
+    if pad:
+        ids[0, -2:] = 0
+        ids[1, -1:] = 0
+    return ids
+
+
+def _hf_batch(vocab: int) -> Callable[[torch.Generator], dict]:
+    def batch(g: torch.Generator) -> dict:
+        ids = _ids(g, 3, 7, vocab, pad=False)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        return {"input_ids": ids, "attention_mask": mask}
+
+    return batch
+
+
+def _seq2seq_batch(g: torch.Generator) -> torch.Tensor:
+    src, tgt = _ids(g, 3, 6, 11), _ids(g, 3, 6, 11)
+    tgt[2, 1] = src[2, 0]  # a token shared by source and target of one sample: cross term of the tied weight
+    return torch.stack([src, tgt], 1)
+
+
+def _logits(o: Any) -> torch.Tensor:
+    return o.logits
+
+
+LINEAR, CONV, MHA = "rule:linear", "rule:conv", "rule:multihead_attention"
+CASES = [
+    NormCase("conv1d", _conv1d_net, lambda g: torch.randn(4, 2, 10, generator=g, dtype=torch.float64),
+             {"0": CONV, "2": CONV, "4": CONV, "6": LINEAR}),
+    NormCase("group_norm", _group_norm_net, lambda g: torch.randn(4, 3, 9, 9, generator=g, dtype=torch.float64),
+             {"0": CONV, "1": "rule:group_norm", "4": "rule:group_norm", "7": LINEAR}),
+    NormCase("layer_norm_mlp", _layer_norm_mlp, lambda g: torch.randn(4, 5, 5, generator=g, dtype=torch.float64),
+             {"0": LINEAR, "1": "rule:layer_norm", "4": "rule:rms_norm", "5": LINEAR}),
+    NormCase("embedding_lm", EmbeddingLM, lambda g: _ids(g, 4, 7, 9), {"embed": "rule:embedding", "fc": LINEAR}),
+    NormCase("encoder_lm", CausalLM, lambda g: _ids(g, 4, 6, 13),
+             {"embed": "rule:embedding", "pos": "rule:embedding", "layer.self_attn": MHA,
+              "layer.linear1": LINEAR, "layer.norm1": "rule:layer_norm", "head": LINEAR}),
+    NormCase("seq2seq_tied", _seq2seq, _seq2seq_batch,
+             {"embed": "rule:embedding", "out": LINEAR, "encoder.layers.0.self_attn": MHA,
+              "decoder.layers.0.multihead_attn": MHA, "decoder.layers.0.norm3": "rule:layer_norm"}),
+    NormCase("vit", _vit, lambda g: torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64),
+             {"": "broadcast", "encoder": "broadcast", "conv_proj": CONV,
+              "encoder.layers.encoder_layer_0.self_attention": MHA, "encoder.ln": "rule:layer_norm",
+              "heads.head": LINEAR}),
+    NormCase("convnext", _convnext, lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
+             {"features.1.0": "fallback", "features.0.0": CONV, "features.0.1": "rule:layer_norm_2d",
+              "features.1.0.block.2": "rule:layer_norm", "features.1.0.block.3": LINEAR}, fallbacks=2),
+    NormCase("gpt2", _gpt2, _hf_batch(50), {"transformer.wte": "rule:embedding", "transformer.wpe": "rule:embedding",
+             "transformer.h.0.attn.c_attn": "rule:hf_conv1d", "transformer.ln_f": "rule:layer_norm"},
+             output_fn=_logits),
+    NormCase("bert", _bert, _hf_batch(40), {"bert.embeddings.word_embeddings": "rule:embedding",
+             "bert.encoder.layer.0.attention.self.query": LINEAR, "cls.predictions.decoder": LINEAR},
+             output_fn=_logits),
+    NormCase("custom_layer", _custom, lambda g: torch.randn(4, 4, generator=g, dtype=torch.float64),
+             {"0": LINEAR, "1": "fallback", "2": "fallback", "2.fc": LINEAR, "3": LINEAR}, fallbacks=2),
+]  # fmt: skip
+
+
+def _materialise(case: NormCase) -> tuple[nn.Module, Any, torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(0)
+    state = torch.random.get_rng_state()
+    try:
+        torch.random.manual_seed(0)  # nn.Module initialisers draw from the global RNG
+        model = case.build().double().eval()
+    finally:
+        torch.random.set_rng_state(state)
+    with torch.no_grad():  # non-trivial norm affines and biases (LayerNorm starts at 1 and 0)
+        for name, p in model.named_parameters():
+            if p.dim() <= 1 or "token" in name or "pos" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x = case.batch(g)
+    params = dict(model.named_parameters())
+    return model, x, g, params
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_rules_match_whole_model_func(case: NormCase) -> None:
+    model, x, g, params = _materialise(case)
+    hooks = PerSampleNorms(model, params, "auto", output_fn=case.output_fn)
+    out = hooks.forward(x)
+    assert hooks.backend == "hooks", hooks.reason
+    for name, route in case.routes.items():
+        assert hooks.routes.get(name) == route, (name, hooks.routes.get(name))
+    assert sum(r == "fallback" for r in hooks.routes.values()) == case.fallbacks, hooks.routes
+    ref = PerSampleNorms(model, params, "func", output_fn=case.output_fn)
+    torch.testing.assert_close(ref.forward(x), out, rtol=1e-12, atol=1e-12)
+    v = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    got, want = hooks.norms(v), ref.norms(v)
+    assert set(got) == set(want) == set(params)
+    scale = max(float(w.max()) for w in want.values())
+    for name in params:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=RTOL * scale, msg=name)
+    v2 = torch.randn(out.shape, generator=g, dtype=out.dtype)  # a second vector on the same forward pass
+    got2, want2 = hooks.norms(v2), ref.norms(v2)
+    for name in params:
+        torch.testing.assert_close(got2[name], want2[name], rtol=RTOL, atol=RTOL * scale, msg=name)
+
+
+def test_tied_weight_includes_cross_terms() -> None:
+    """The tied embedding/output weight of the seq2seq model: the per-use norms alone miss 2⟨G^(1), G^(2)⟩."""
+    case = next(c for c in CASES if c.name == "seq2seq_tied")
+    model, x, g, params = _materialise(case)
+    psn = PerSampleNorms(model, params)
+    out = psn.forward(x)
+    uses = [rec for rec, _, _, local in psn._records if "embed.weight" in local.values()]
+    assert len(uses) == 3  # the source embedding, the target embedding, the output projection
+    v = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    tied = psn.norms(v)["embed.weight"]
+    separate = sum(rule.norms(rec)["weight"] for rec, _, rule, local in psn._records
+                   if "embed.weight" in local.values())  # fmt: skip
+    assert not torch.allclose(tied, separate, rtol=1e-3)
+
+
+class StrayUse(nn.Module):
+    """Ties the output to the embedding by reading its weight outside the embedding's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.tanh(self.embed(ids)), self.embed.weight)
+
+
+def test_stray_parameter_use_leaves_the_hooks() -> None:
+    model = StrayUse().double()
+    params = dict(model.named_parameters())
+    ids = torch.randint(0, 7, (3, 4), generator=torch.Generator().manual_seed(0))
+    psn = PerSampleNorms(model, params)
+    out = psn.forward(ids)
+    assert psn.backend == "func" and "embed.weight" in psn.reason
+    v = torch.randn(out.shape, dtype=out.dtype)
+    want = PerSampleNorms(model, params, "func")
+    want.forward(ids)
+    torch.testing.assert_close(psn.norms(v)["embed.weight"], want.norms(v)["embed.weight"], rtol=1e-12, atol=0)
+    with pytest.raises(GmixError, match="used outside the forward of the module owning it"):
+        PerSampleNorms(model, params, "hooks").forward(ids)
+
+
+def test_sequence_first_model_takes_func() -> None:
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False
+    params = dict(model.named_parameters())
+    assert not supports_hooks(model, params)
+    assert PerSampleNorms(model, params).backend == "func"
+    with pytest.raises(GmixError, match="sequence-first"):
+        PerSampleNorms(model, params, "hooks")
+
+
+def test_v_of_another_shape_is_refused() -> None:
+    model = nn.Linear(3, 2)
+    psn = PerSampleNorms(model, dict(model.named_parameters()))
+    psn.forward(torch.randn(4, 3))
+    with pytest.raises(GmixError, match=r"v has shape \(4, 3\)"):
+        psn.norms(torch.randn(4, 3))
+
+
+def test_embedding_padding_rows_get_no_gradient() -> None:
+    """A sample of padding only has zero embedding norm; per-sample norms equal a per-sample loop."""
+    model = EmbeddingLM().double()
+    ids = torch.tensor([[0, 0, 0], [3, 3, 0], [1, 2, 1]])
+    psn = PerSampleNorms(model, dict(model.named_parameters()))
+    out = psn.forward(ids)
+    v = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+    got = psn.norms(v)["embed.weight"]
+    for i in range(3):
+        (grad,) = torch.autograd.grad((model(ids[i : i + 1]) * v[i : i + 1]).sum(), [model.embed.weight])
+        assert float(got[i]) == pytest.approx(float(grad.square().sum()), rel=1e-12, abs=1e-300)
+    assert float(got[0]) == 0.0 and math.isfinite(float(got[2]))
