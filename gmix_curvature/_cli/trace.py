@@ -11,10 +11,12 @@ HELP = "measure Tr(G) (and related curvature) of a checkpoint: exact, stochastic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from gmix_curvature.curvature.report import TRACE_METHODS
+    from gmix_curvature.curvature.report import TRACE_LOSSES, TRACE_METHODS
+    from gmix_curvature.data import DATASETS
 
     p.add_argument("checkpoint", help="checkpoint.pt of `gmix train` (or its run directory), a state_dict or module")
-    p.add_argument("--data", help="digits, cifar10, cifar100 or synthetic (default: the checkpoint's own)")
+    p.add_argument("--data", help=f"one of {', '.join(DATASETS)} (default: the checkpoint's own); imagenet and "
+                   "imagefolder (any ImageFolder: DIR/train, DIR/val or DIR/<class>) and multi30k read --data-dir")
     p.add_argument("--data-dir", help="directory holding the data set's files")
     p.add_argument("--split", default="train", help="train, test, fit or val (default: train)")
     p.add_argument("--samples", type=int, default=1024, help="number of samples, a random subset (default 1024)")
@@ -26,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-rel-stderr", type=float, help="run stochastic methods to this relative stderr")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and of the probes (default 0)")
     p.add_argument("--bn-mode", default="eval", choices=("eval", "train"), help="BatchNorm statistics (default eval)")
+    p.add_argument("--loss", default="cross_entropy", choices=TRACE_LOSSES, metavar="LOSS",
+                   help=f"one of {', '.join(TRACE_LOSSES)} (default cross_entropy; class labels become one-hot "
+                   "targets for mse and bce): G is the GGN of this loss")
+    p.add_argument("--ignore-index", type=int, help="label that counts in no prediction, e.g. padding (default: the "
+                   "data set's padding label, multi30k's <pad> = 0, else -100)")
     p.add_argument("--model", help="architecture of a plain state_dict: a gmix model or torchvision:NAME")
     p.add_argument("--num-classes", type=int, help="classes of a plain state_dict (default: from its last layer)")
     p.add_argument("--input-shape", help="input shape of a plain state_dict, e.g. 3,32,32")
@@ -62,13 +69,16 @@ def run(args: argparse.Namespace) -> int:
         samples=None if args.all_samples else args.samples, batch_size=args.batch_size, num_probes=args.probes,
         target_rel_stderr=args.target_rel_stderr, seed=args.seed, bn_mode=args.bn_mode, model=args.model,
         num_classes=args.num_classes, input_shape=shape, model_kwargs=kwargs, device=args.device,
-        progress=args.progress and sys.stderr.isatty(), trust=args.trust,
+        progress=args.progress and sys.stderr.isatty(), trust=args.trust, loss=args.loss,
+        ignore_index=args.ignore_index,
     )  # fmt: skip
     if world()[0] != 0:
         return 0
     print(format_table(report))
-    print(f"# {report.convention}; bn_mode={args.bn_mode}; {report.data['samples']} samples of "
-          f"{report.data['name']} {report.data['split']}")
+    d = report.data
+    print(f"# {report.convention}; loss={d['loss']}, ignore_index={d['ignore_index']}: the mean over "
+          f"n={d['n_predictions']} counted predictions of {d['samples']} samples of {d['name']} {d['split']}; "
+          f"bn_mode={args.bn_mode}")
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
     if args.json:
