@@ -1,6 +1,7 @@
 """Block traces and scale-invariant sharpness: the blocks sum to the total, and rescaling the weights
-feeding a BatchNorm (with its running statistics and eps) leaves the function and the sharpness unchanged
-while dividing their block trace by the square of the scale."""
+feeding a BatchNorm (with its running statistics and eps) or a LayerNorm (with its eps) leaves the function
+and the sharpness unchanged while dividing their block trace by the square of the scale; weights that only
+reach a normalisation layer through a residual sum are not reported."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FRESH, TRAINED, materialise
+from torch import nn
 
 from gmix_curvature.curvature import ggn_trace, scale_invariant_groups, scale_invariant_sharpness
+from gmix_curvature.curvature.sharpness import NORM_LAYERS
 from gmix_curvature.errors import GmixError
 from gmix_curvature.models import CifarResNet18
 
@@ -66,5 +70,150 @@ def test_stochastic_sharpness_has_a_stderr():
 
 def test_no_normalisation_layers():
     model, x, y = materialise(FRESH[0])
+    with pytest.raises(GmixError, match="no parameters feeding a normalisation layer"):
+        scale_invariant_sharpness(model, (x, y))
+
+
+# LayerNorm-fed groups (issue 15, item 4) -----------------------------------------------------------------------
+
+
+class NormedLM(nn.Module):
+    """A tiny normalised transformer classifier: token embedding, one pre-norm block whose attention has
+    QK-norm (queries and keys through their own LayerNorm), a final LayerNorm, mean pooling, linear head.
+
+    Scale-invariant: ``q`` and ``k`` alone (each feeds a LayerNorm directly) and the residual stream's writers
+    together (``emb``, ``o``, ``fc2``: every reader sees the stream through a LayerNorm). Not: ``v`` (through
+    ``o``'s bias into a residual sum), ``fc1`` (through tanh), ``head`` (the logits), the LayerNorms' own."""
+
+    def __init__(self, vocab: int = 7, d: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.ln1, self.q_norm, self.k_norm, self.ln2, self.ln_f = (nn.LayerNorm(d) for _ in range(5))
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        a = self.ln1(h)
+        q, k = self.q_norm(self.q(a)), self.k_norm(self.k(a))
+        attention = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, dim=-1)
+        h = h + self.o(attention @ self.v(a))
+        h = h + self.fc2(torch.tanh(self.fc1(self.ln2(h))))
+        return self.head(self.ln_f(h).mean(1))
+
+
+class PostNormClassifier(nn.Module):
+    """torch's post-norm ``nn.TransformerEncoderLayer`` on a linear patch embedding: every LayerNorm reads a
+    residual sum, so no weight is scale-invariant."""
+
+    def __init__(self, d: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.block = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)).mean(1))
+
+
+def _normed_lm() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = NormedLM().double().eval()
+    return model, torch.randint(0, 7, (6, 5)), torch.randint(0, 3, (6,))
+
+
+def rescaled(model: nn.Module, x: torch.Tensor, names: list[str], c: float) -> nn.Module:
+    """A copy with the parameters ``names`` multiplied by c and, in every normalisation layer whose input
+    comes out multiplied by c, eps by c² (BatchNorm: its running statistics too) — the function is then
+    unchanged exactly when the group is scale-invariant. Which layers these are is measured, not assumed."""
+    inputs: dict[str, list[torch.Tensor]] = {}
+
+    def record(name):
+        return lambda m, a: inputs.setdefault(name, []).append(a[0].detach().clone())
+
+    norms = [(n, m) for n, m in model.named_modules() if isinstance(m, NORM_LAYERS)]
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in norms]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    out = copy.deepcopy(model)
+    params = dict(out.named_parameters())
+    with torch.no_grad():
+        for name in names:
+            params[name].mul_(c)
+    calls: dict[str, int] = {}
+
+    def adjust(name):
+        def hook(m, a):
+            i = calls[name] = calls.get(name, -1) + 1
+            base = inputs[name][i]
+            if torch.allclose(a[0], c * base, rtol=1e-12, atol=0) and not torch.allclose(a[0], base, rtol=1e-12):
+                m.eps *= c**2
+                if getattr(m, "running_var", None) is not None:
+                    m.running_mean.mul_(c)
+                    m.running_var.mul_(c**2)
+        return hook
+
+    handles = [m.register_forward_pre_hook(adjust(n)) for n, m in out.named_modules() if isinstance(m, NORM_LAYERS)]
+    with torch.no_grad():
+        out(x)  # the hooks adjust eps on the way
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_layernorm_groups_of_a_normalised_transformer():
+    """QK-norm projections alone; the residual stream's writers (embedding, output projection, second MLP
+    layer) jointly; never the value projection, the first MLP layer, the head or the LayerNorms."""
+    model, x, _ = _normed_lm()
+    groups = scale_invariant_groups(model, x)
+    assert groups == {
+        "q": ["q.weight", "q.bias"],
+        "k": ["k.weight", "k.bias"],
+        "emb+o+fc2": ["emb.weight", "o.weight", "o.bias", "fc2.weight", "fc2.bias"],
+    }
+
+
+@pytest.mark.parametrize("group", ["q", "k", "emb+o+fc2"])
+def test_rescaling_a_layernorm_fed_group(group):
+    """θ_g → c·θ_g: loss unchanged, Tr(G_gg) / c², ‖θ_g‖² · c², every block product and the sharpness unchanged."""
+    model, x, y = _normed_lm()
+    names = scale_invariant_groups(model, x)[group]
+    scaled = rescaled(model, x, names, ALPHA)
+    torch.testing.assert_close(F.cross_entropy(scaled(x), y), F.cross_entropy(model(x), y), rtol=1e-12, atol=0)
+    before = scale_invariant_sharpness(model, (x, y))
+    after = scale_invariant_sharpness(scaled, (x, y))
+    row_before, row_after = before.extra["groups"][group], after.extra["groups"][group]
+    assert row_after["trace"] == pytest.approx(row_before["trace"] / ALPHA**2, rel=REL)
+    assert row_after["norm2"] == pytest.approx(row_before["norm2"] * ALPHA**2, rel=REL)
+    for name, row in before.extra["groups"].items():
+        assert after.extra["groups"][name]["product"] == pytest.approx(row["product"], rel=REL)
+    assert after.value == pytest.approx(before.value, rel=REL)
+
+
+@pytest.mark.parametrize("module", ["v", "fc1", "head", "o", "emb", "ln1"])
+def test_weights_that_are_not_scale_invariant_are_not_reported(module):
+    """Scaling any of them alone (with the same eps adjustment) changes the loss, and none is a group of its own."""
+    model, x, y = _normed_lm()
+    names = [f"{module}.{n}" for n, _ in getattr(model, module).named_parameters()]
+    scaled = rescaled(model, x, names, ALPHA)
+    with torch.no_grad():
+        change = float((F.cross_entropy(scaled(x), y) - F.cross_entropy(model(x), y)).abs())
+    assert change > 1e-6
+    assert all(set(names) != set(group) for group in scale_invariant_groups(model, x).values())
+
+
+def test_post_norm_transformer_block_has_no_scale_invariant_weight():
+    """Each LayerNorm of a post-norm block reads x + sublayer(x): no weight is reported, and scaling the
+    feed-forward output layer (the one closest to a LayerNorm) changes the function."""
+    torch.manual_seed(0)
+    model = PostNormClassifier().double().eval()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+    assert scale_invariant_groups(model, x) == {}
+    scaled = rescaled(model, x, ["block.linear2.weight", "block.linear2.bias"], ALPHA)
+    with torch.no_grad():
+        assert float((scaled(x) - model(x)).abs().max()) > 1e-6
     with pytest.raises(GmixError, match="no parameters feeding a normalisation layer"):
         scale_invariant_sharpness(model, (x, y))
