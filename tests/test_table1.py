@@ -148,7 +148,7 @@ def test_presets_describe_the_paper_and_the_tiny_setting():
         20, 0.1, 200, 0.9)
     assert tiny.train["data"] == "digits" and tiny.batch_size / 1437 > 8192 / 50000  # larger share than the paper's
     assert tiny.seeds == 3 and tiny.select_splits == ("fit", "val") and "test" not in tiny.select_splits
-    with pytest.raises(ValueError, match="unknown Table 1 preset 'huge'; valid: tiny, paper, micro"):
+    with pytest.raises(ValueError, match="unknown Table 1 preset 'huge'; valid: tiny, paper, micro, mnist1d"):
         table1_preset("huge")
 
 
@@ -173,10 +173,10 @@ def test_run_table1_rejects_bad_arguments(kwargs, match):
     [("tiny", None, 1), ("micro", None, 1), ("tiny", 2, 2), ("tiny", 0, "default"), ("paper", None, "default")],
 )
 def test_table1_runs_under_the_pinned_thread_count_and_restores_it(monkeypatch, preset, threads, expected):
-    import gmix_curvature.table1 as table1
+    import gmix_curvature.table1.runs as table1_runs
 
     seen = []
-    monkeypatch.setattr(table1, "_run_table1", lambda p, *args: seen.append(torch.get_num_threads()) or "result")
+    monkeypatch.setattr(table1_runs, "_run_table1", lambda p, *args: seen.append(torch.get_num_threads()) or "result")
     before = torch.get_num_threads()
     assert run_table1(preset, threads=threads) == "result"
     assert seen == [before if expected == "default" else expected] and torch.get_num_threads() == before
@@ -193,7 +193,8 @@ def micro(tmp_path_factory):
 
 def test_micro_pipeline_writes_table_json_csv_and_figures(micro):
     result, out = micro
-    for name in ("table1.md", "table1.json", "table1.csv", "runs.csv", "table1.png", "trace_vs_loss.png"):
+    for name in ("table1.md", "table1.json", "table1.csv", "runs.csv", "paired.csv", "verdict.csv", "table1.png",
+                 "trace_vs_loss.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     preset = table1_preset("micro")
@@ -227,6 +228,7 @@ def test_micro_pipeline_writes_table_json_csv_and_figures(micro):
     for label in ("SGD Baseline", "SGD + GradientMix (Gaussian)", "SGD + GradientMix (Rademacher)"):
         assert label in text
     assert "5.87 (paper)" in text and "λmax(H)" in text and "Tr(G) @ L*" in text and "κ selection" in text
+    assert "Verdict, preset 'micro'" in text and "Paired by seed (2 pairs" in text
 
 
 def test_micro_pipeline_columns_of_issue_10(micro):
@@ -352,7 +354,8 @@ def _cli_error(capsys, argv):
 
 
 def test_cli_unknown_preset(capsys):
-    assert "unknown Table 1 preset 'huge'; valid: tiny, paper, micro" in _cli_error(capsys, ["--preset", "huge"])
+    err = _cli_error(capsys, ["--preset", "huge"])
+    assert "unknown Table 1 preset 'huge'; valid: tiny, paper, micro, mnist1d" in err
 
 
 def test_cli_paper_preset_needs_a_data_directory(capsys, tmp_path):
