@@ -3,7 +3,8 @@ collected into one CSV and drawn as the paper's figures.
 
 A preset module may define ``GRID``, a dict from axis name to its values. A value is either a plain value
 of the TrainConfig field of the same name (``"optimizer": ["sgd", "lars"]``) or a dict of overrides
-that go together (``{"batch_size": 512, "warmup_steps": 500}``), labelled by its entry for the axis name.
+that go together (``{"batch_size": 512, "warmup_steps": 500}``), labelled by its ``"label"`` entry (not an
+override), else its entry for the axis name, else its position.
 The cells are the Cartesian product of the axes, in order; each runs in ``OUT/<cell name>/``. ``GRID`` may
 also be a list of such dicts: the union of their products (a cell in two of them runs once), for grids that
 are not rectangular. Optional, in the preset module: ``CELL`` (``"module:function"``, what runs one cell
@@ -122,7 +123,8 @@ def _product_cells(grid: Mapping[str, Sequence[Any]]) -> list[SweepCell]:
         entries = []
         for i, v in enumerate(values):
             if isinstance(v, Mapping):
-                entries.append((v.get(axis, i), dict(v)))
+                over = {k: x for k, x in v.items() if k != "label"}
+                entries.append((v.get("label", v.get(axis, i)), over))
             else:
                 entries.append((v, {axis: v}))
         axes.append((axis, entries))
@@ -146,6 +148,8 @@ def grid_cells(grid: Grid) -> list[SweepCell]:
 'batch_size=500_noise=gaussian']
     >>> grid_cells({"batch_size": [{"batch_size": 64, "warmup_steps": 4000}]})[0].overrides
     {'batch_size': 64, 'warmup_steps': 4000}
+    >>> grid_cells({"mix": [{"label": "gauss-r2", "noise": "gaussian", "kappa_ratio": 2.0}]})[0]
+    SweepCell(name='mix=gauss-r2', labels={'mix': 'gauss-r2'}, overrides={'noise': 'gaussian', 'kappa_ratio': 2.0})
     >>> [c.name for c in grid_cells([{"lr": [0.1], "seed": [0, 1]}, {"lr": [0.1, 0.2], "seed": [0]}])]
     ['lr=0.1_seed=0', 'lr=0.1_seed=1', 'lr=0.2_seed=0']
     """

@@ -1,0 +1,34 @@
+"""The κ dose-response on MNIST-1D (issue 16, items 3–4): ``gmix sweep dose_mnist1d --out DIR --jobs 2``.
+
+Training as the Table 1 ``mnist1d`` preset's large-batch rows (1-D CNN with three Conv1d + BatchNorm, batch 1000
+of 4,000 signals, SGD momentum 0.9, 0.1 per 128 samples scaled linearly, 6 warmup epochs then cosine decay to 0,
+60 epochs); the grid of :func:`gmix_curvature.dose_response.dose_grid`: r = κ·B ∈ {0, 0.5, 1, 2, 3, 4} for
+Gaussian and Rademacher weights at weight decay 5·10⁻⁴, and the route check at weight decay 0 for r ∈ {0, 1, 2, 4},
+4 seeds (72 runs); one CPU thread per cell, so that the results do not depend on the core count or ``--jobs``.
+"""
+
+from gmix_curvature.dose_response import dose_grid
+
+DESCRIPTION = "dose-response grid: MNIST-1D CNN, batch 1000, r = 0-4 x gaussian/rademacher x wd 5e-4/0, 4 seeds"
+
+PRESET = {
+    "model": "mnist1d_cnn",
+    "data": "mnist1d",
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "lr": 0.1,
+    "lr_scaling": "linear",
+    "base_batch": 128,
+    "weight_decay": 5e-4,
+    "schedule": "cosine",
+    "lr_final": 0.0,
+    "epochs": 60,
+    "warmup_epochs": 6,
+    "batch_size": 1000,
+    "trace_samples": 256,
+}
+
+GRID = dose_grid(seeds=4, control_ratios=(0.0, 1.0, 2.0, 4.0))
+CELL = "gmix_curvature.dose_response:train_and_measure"
+REPORT = "gmix_curvature.dose_response:write_dose_response"
+THREADS = 1
