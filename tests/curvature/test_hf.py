@@ -1,13 +1,16 @@
 """The Python API on Hugging Face models as users build them: GPT-2 and BERT from tiny configurations
 (``transformers``, random weights, nothing downloaded), in eval mode, batches x = {"input_ids",
 "attention_mask"} with padding labels -100. ``exact`` equals the dense reference in float64; every stochastic
-method is unbiased within ``Z`` standard errors; the snapshot's loss is the model's own loss.
+method is unbiased within ``Z`` standard errors; the snapshot's loss is the model's own loss; the README's
+example runs.
 
 GPT-2's logits at position t predict token t + 1: the toolkit takes logits (N, T, V) and labels (N, T) aligned,
 so the labels are the shifted inputs (labels[:, :-1] = input_ids[:, 1:], the last and padded positions -100).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +28,8 @@ PROBES = 48
 
 def gpt2() -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=V, n_positions=16)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=V, n_positions=16, bos_token_id=0,
+                                  eos_token_id=0)
     return transformers.GPT2LMHeadModel(cfg).double().eval()
 
 
@@ -119,3 +123,13 @@ def test_stochastic_methods_are_unbiased(case, method):
     r = ggn_trace(model, (x, y), method, num_probes=PROBES, generator=torch.Generator().manual_seed(3))
     assert r.n_probes == PROBES and r.stderr > 0
     assert abs(r.value - want) <= Z * r.stderr, (r.value, want, r.stderr)
+
+
+def test_the_readme_language_model_example_runs_and_prints_what_it_shows(capsys):
+    """The README's example, as written: its last comment is the line it prints."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("## Curvature of language models", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    shown = code.strip().splitlines()[-1]
+    assert shown.startswith("# ") and capsys.readouterr().out.strip() == shown[2:]
