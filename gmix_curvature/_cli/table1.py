@@ -9,8 +9,9 @@ HELP = "reproduce Table 1: train SGD with and without GradientMix over seeds, me
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="tiny (embedded digits, minutes on a CPU), paper (ResNet-18, "
-                   "CIFAR-10, batch 8192) or micro (seconds); see --list-presets")
+    p.add_argument("--preset", default="tiny", help="tiny (embedded digits, minutes on a CPU), mnist1d (MNIST-1D, "
+                   "about 20 minutes on 2 cores), paper (ResNet-18, CIFAR-10, batch 8192) or micro (seconds); see "
+                   "--list-presets")
     p.add_argument("--list-presets", action="store_true", help="list the Table 1 presets and exit")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per row (default: the preset's)")
     kappa = p.add_mutually_exclusive_group()
@@ -24,6 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runs (default: the preset's; "
                    "tiny pins 1 so that its table does not depend on the core count; 0: torch's default)")
+    p.add_argument("--measure-samples", type=int, default=None, help="measure the curvature columns on N samples "
+                   "of the measure split (default: the preset's; 0: all) — with --max-steps, a smoke run in seconds")
+    p.add_argument("--eigen-samples", type=int, default=None,
+                   help="λ_max of G and of the Hessian on N training samples (default: the preset's; 0: not measured)")
+    p.add_argument("--hessian-probes", type=int, default=None,
+                   help="Hutchinson probes of the Hessian trace (default: the preset's; 0: not measured)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the figures")
     p.add_argument("--progress", action="store_true", help="progress bars for the training runs")
     p.add_argument("--quiet", action="store_true", help="no per-run log lines on stderr")
@@ -43,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     result = run_table1(
         args.preset, seeds=args.seeds, kappa=args.kappa, kappa_ratio=args.kappa_ratio, out=args.out,
         data_dir=args.data_dir, max_steps=args.max_steps, device=args.device, progress=args.progress,
-        plot=args.plot, log=None if args.quiet else log, threads=args.threads,
+        plot=args.plot, log=None if args.quiet else log, threads=args.threads, measure_samples=args.measure_samples,
+        eigen_samples=args.eigen_samples, hessian_probes=args.hessian_probes,
+        trust=bool(getattr(args, "trust_checkpoint", False)),
     )
     print(result.format_table())
     if result.selection is not None:
