@@ -218,7 +218,7 @@ def digits_checkpoint(tmp_path):
         ("unknown-data", "unknown data set 'mnist'"),
         ("imagenet-without-data-dir", "imagenet needs --data-dir"),
         ("labels-do-not-match-outputs", "labels of shape (2,) do not match outputs of shape (2, 3, 10)"),
-        ("every-label-ignored", "every label is ignore_index="),
+        ("every-label-ignored", "every label is ignore_index"),
         ("non-finite-logits", "non-finite logits"),
         ("one-hot-targets-need-a-classifier", "--loss bce with class labels needs (batch, classes) outputs"),
     ],
