@@ -61,12 +61,21 @@ def call_model(model: nn.Module | Callable[..., Any], x: Any) -> Any:
 
 
 def resolve_output_fn(output_fn: OutputFn | None) -> OutputFn:
-    """``output_fn`` or the default :func:`model_output`; a non-callable raises :class:`GmixError`."""
-    if output_fn is None:
-        return model_output
+    """``output_fn`` (checked to return a tensor) or the default :func:`model_output`; a non-callable raises
+    :class:`GmixError`."""
+    if output_fn is None or output_fn is model_output or getattr(output_fn, "_gmix_checked", False):
+        return model_output if output_fn is None else output_fn
     if not callable(output_fn):
         raise GmixError(f"output_fn must be callable, got {type(output_fn).__name__}")
-    return output_fn
+
+    def checked(output: Any) -> torch.Tensor:
+        out = output_fn(output)
+        if not isinstance(out, torch.Tensor):
+            raise GmixError(f"output_fn must return a tensor, got {type(out).__name__}")
+        return out
+
+    checked._gmix_checked = True  # type: ignore[attr-defined]
+    return checked
 
 
 def predictions(model: nn.Module | Callable[..., Any], x: Any, output_fn: OutputFn | None = None) -> torch.Tensor:

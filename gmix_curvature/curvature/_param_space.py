@@ -64,6 +64,7 @@ def run_param_space(
     progress: bool,
     extra: dict | None = None,
     output_fn: OutputFn | None = None,
+    ignore_index: int = -100,
 ) -> CurvatureResult:
     start = time.perf_counter()
     check_bn_mode(bn_mode)
@@ -94,7 +95,7 @@ def run_param_space(
             if s_all == 0:
                 raise GmixError("the data is empty: no samples to measure curvature on")
             if n_all == 0:
-                raise GmixError("every label is ignore_index: no predictions to measure")
+                raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
             return all_reduce_sum(totals), all_reduce_sum(blocks), n_all, s_all
 
         sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000)

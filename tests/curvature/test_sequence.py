@@ -1,0 +1,262 @@
+"""Tr(G) of models with several predictions per sample and of other losses (issue 15 items 1-2): exact against
+the GGN materialised with torch.func (G = Jᵀ ∇²L J of the torch loss functional), the stochastic estimators
+unbiased on a fresh and a trained, confident LM, padding, products and eigenvalues, and bad input."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from cases_seq import IGNORE, LM_FRESH, LM_TRAINED, SEQ_CASES, TinyLM, materialise_seq
+from torch import nn
+
+from gmix_curvature.curvature import (
+    EstimatorWarning,
+    dense_ggn,
+    dense_hessian,
+    empirical_fisher_trace,
+    exact_ggn_trace,
+    ggn_trace,
+    hessian_trace,
+    top_eigenvalues,
+)
+from gmix_curvature.curvature._engine import row_terms, run_per_sample
+from gmix_curvature.curvature._loss import sample_categorical
+from gmix_curvature.curvature.reference import flat_param_names, reference_loss
+from gmix_curvature.curvature.sampled import fisher_is_terms
+from gmix_curvature.transformer import PAD
+
+REL = 1e-8  # exact == dense in float64 (the issue's tolerance)
+Z = 4.0  # standard errors allowed between a stochastic mean and the exact value (false alarm 6e-5 per check)
+BACKENDS = ["func", "auto"]
+
+
+def _blocks(dense: torch.Tensor, model: nn.Module) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, d in zip(flat_param_names(model), torch.diagonal(dense).tolist()):
+        out[name] = out.get(name, 0.0) + d
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: c.id)
+def test_exact_matches_dense_ggn(case, backend):
+    model, x, y = materialise_seq(case)
+    dense = dense_ggn(model, x, y, loss=case.loss)
+    r = exact_ggn_trace(model, (x, y), loss=case.loss, backend=backend)
+    assert r.value == pytest.approx(float(dense.trace()), rel=REL)
+    for name, b in _blocks(dense, model).items():
+        assert r.per_param[name] == pytest.approx(b, rel=REL, abs=1e-12 * r.value)
+    counted = int((y != IGNORE).sum()) if case.loss == "cross_entropy" else None
+    if case.loss == "bce":
+        counted = y.numel()
+    if counted is not None:
+        assert r.extra["n_predictions"] == counted
+    assert r.n_samples == y.shape[0] and r.extra["loss"] == case.loss
+
+
+def test_exact_on_the_trained_lm_and_its_cost():
+    model, x, y = materialise_seq(LM_TRAINED)
+    r = exact_ggn_trace(model, (x, y), backend="func")
+    assert r.value == pytest.approx(float(dense_ggn(model, x, y).trace()), rel=REL)
+    # one backward pass per (position with a counted label, class): positions 0..3 of 5, 7 classes
+    assert r.extra["backward_passes"] == 4 * 7
+
+
+def _prediction_losses(case, out: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """Each counted prediction's own loss, written out per layout."""
+    F = nn.functional
+    if case.loss == "mse":  # a prediction is the last axis, ℓ = ‖f − y‖²/D
+        return [(out[i] - y[i]).square().sum() / y.shape[-1] for i in range(y.shape[0])]
+    if case.loss == "bce":
+        return [F.binary_cross_entropy_with_logits(out[i, j], y[i, j]) for i, j in torch.ones_like(y).nonzero()]
+    losses = []
+    for idx in (y != IGNORE).nonzero().tolist():
+        if out.ndim == 4:  # (N, C, H, W)
+            logits = out[idx[0], :, idx[1], idx[2]]
+        else:  # (N, T, C)
+            logits = out[idx[0], idx[1]]
+        losses.append(F.cross_entropy(logits[None], y[tuple(idx)][None]))
+    return losses
+
+
+@pytest.mark.parametrize("case", [SEQ_CASES[i] for i in (0, 3, 4, 6, 7)], ids=lambda c: c.id)
+def test_empirical_fisher_is_the_mean_squared_gradient_of_each_prediction(case):
+    """(1/n) Σ_t ‖∇_θ ℓ_t‖², one backward pass per counted prediction (the loop reference)."""
+    model, x, y = materialise_seq(case)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    losses = _prediction_losses(case, out, y)
+    total = 0.0
+    for loss in losses:
+        grads = torch.autograd.grad(loss, params, retain_graph=True)
+        total += float(sum(g.square().sum() for g in grads))
+    r = empirical_fisher_trace(model, (x, y), loss=case.loss, backend="func")
+    assert r.extra["n_predictions"] == len(losses)
+    assert r.value == pytest.approx(total / len(losses), rel=REL)
+
+
+STOCHASTIC = ["fisher_is", "output_hutchinson", "fisher_mc", "hutchinson"]
+
+
+@pytest.mark.parametrize("method", STOCHASTIC)
+@pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: c.id)
+def test_stochastic_unbiased_on_fresh_models(case, method):
+    model, x, y = materialise_seq(case)
+    exact = exact_ggn_trace(model, (x, y), loss=case.loss, backend="func").value
+    r = ggn_trace(model, (x, y), method, num_probes=24, generator=3, loss=case.loss, backend="func")
+    assert r.n_probes == 24 and r.stderr > 0
+    assert abs(r.value - exact) < Z * r.stderr, (r.value, exact, r.stderr)
+
+
+@pytest.mark.parametrize("method", ["fisher_is", "output_hutchinson", "hutchinson"])
+def test_stochastic_unbiased_on_the_trained_confident_lm(method):
+    model, x, y = materialise_seq(LM_TRAINED)
+    exact = exact_ggn_trace(model, (x, y), backend="func").value
+    r = ggn_trace(model, (x, y), method, num_probes=48, generator=4, backend="func")
+    assert abs(r.value - exact) < Z * r.stderr, (r.value, exact, r.stderr)
+
+
+def test_fisher_mc_warns_on_the_trained_lm_not_on_the_fresh_one():
+    model, x, y = materialise_seq(LM_TRAINED)
+    with pytest.warns(EstimatorWarning, match="too confident"):
+        r = ggn_trace(model, (x, y), "fisher_mc", num_probes=16, generator=5, backend="func")
+    assert r.extra["effective_sample_size"] < 30
+    model, x, y = materialise_seq(LM_FRESH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EstimatorWarning)
+        r = ggn_trace(model, (x, y), "fisher_mc", num_probes=16, generator=5, backend="func")
+    assert r.extra["effective_sample_size"] > 30
+
+
+def test_fisher_is_stderr_shrinks_as_one_over_sqrt_probes_on_the_trained_lm():
+    """Four times the probes halve the standard error; each is estimated from K probe values, the ratio's
+    relative spread is about sqrt(1/(2·16) + 1/(2·64)) = 0.2, so 2 ± 3·0.2·2 is allowed."""
+    model, x, y = materialise_seq(LM_TRAINED)
+    few = ggn_trace(model, (x, y), "fisher_is", num_probes=16, generator=21, backend="func")
+    many = ggn_trace(model, (x, y), "fisher_is", num_probes=64, generator=22, backend="func")
+    assert 0.8 < few.stderr / many.stderr < 3.2
+
+
+def _is_terms_without_signs(pb, g, diag):
+    loss, s = pb.loss, pb.stats
+    c = sample_categorical(loss.log_column_weights(s), g)
+    yield row_terms(pb, loss.log_trace_h(s), loss.column_unit(s, c), signs=None)
+
+
+class _Repeat(nn.Module):
+    """(N, C) -> (N, T, C): the same logits at every position, so the per-position gradients coincide."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(1).expand(-1, 6, -1)
+
+
+def test_signs_per_position_remove_the_cross_terms():
+    """Importance-sampled directions u_c are not zero-mean: without random signs, the cross terms
+    ⟨J_tᵀ v_t, J_t'ᵀ v_t'⟩ between a sample's positions stay in the estimate. On a model whose positions share
+    their gradients (and a confident one, where E_q[u_c] is far from 0) that bias is many standard errors;
+    with a sign per position the same draws are unbiased."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), _Repeat()).double()
+    with torch.no_grad():
+        model[0].weight.copy_(0.3 * torch.randn(5, 3, generator=g, dtype=torch.float64))
+        model[0].bias.copy_(torch.tensor([4.0, 0, 0, 0, 0]))
+    x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.zeros(8, 6, dtype=torch.int64)
+    exact = exact_ggn_trace(model, (x, y), backend="func").value
+    common = {"method": "fisher_is", "num_probes": 32, "generator": 8, "target_rel_stderr": None, "max_probes": None,
+              "bn_mode": "eval", "batch_size": None, "backend": "func", "progress": False}
+    naive = run_per_sample(model, (x, y), terms=_is_terms_without_signs, **common)
+    assert naive.value - exact > 10 * naive.stderr, (naive.value, exact, naive.stderr)
+    signed = run_per_sample(model, (x, y), terms=fisher_is_terms, **common)
+    assert abs(signed.value - exact) < Z * signed.stderr, (signed.value, exact, signed.stderr)
+
+
+@pytest.mark.parametrize("method", ["exact", "fisher_is"])
+def test_padding_gives_the_trace_of_the_same_tokens_unpadded(method):
+    """The padded batch counts the same predictions as the sequences run one by one at their own lengths
+    (right padding, causal attention): the same Tr(G), exactly for exact and within errors for fisher_is."""
+    model, x, y = materialise_seq(LM_FRESH)
+    lengths = [int((row != PAD).sum()) for row in x]
+    assert sorted(set(lengths)) == [3, 4, 5]
+    unpadded = [(x[i : i + 1, :length], y[i : i + 1, :length]) for i, length in enumerate(lengths)]
+    padded = ggn_trace(model, (x, y), method, num_probes=32, generator=1, backend="func")
+    alone = ggn_trace(model, unpadded, method, num_probes=32, generator=2, backend="func")
+    assert padded.extra["n_predictions"] == alone.extra["n_predictions"] == int((y != IGNORE).sum())
+    if method == "exact":
+        assert padded.value == pytest.approx(alone.value, rel=1e-12)
+    else:
+        assert abs(padded.value - alone.value) < Z * (padded.stderr**2 + alone.stderr**2) ** 0.5
+
+
+# the Fig. 3 Transformer's nn.MultiheadAttention takes a fused kernel with no forward-mode derivative in eval
+# mode: GGN-vector products through it wait for the kernel routing of bn_mode_context (issue 15 item 5)
+@pytest.mark.parametrize("case", [SEQ_CASES[i] for i in (0, 3, 4, 5, 6, 7)], ids=lambda c: c.id)
+def test_top_eigenvalues_and_hessian_match_dense(case):
+    model, x, y = materialise_seq(case)
+    ggn_eigs = torch.linalg.eigvalsh(dense_ggn(model, x, y, loss=case.loss)).flip(0)[:2]
+    r = top_eigenvalues(model, (x, y), k=2, tol=1e-10, loss=case.loss)
+    torch.testing.assert_close(torch.tensor(r.extra["eigenvalues"], dtype=torch.float64), ggn_eigs, rtol=1e-7, atol=0)
+    hess = dense_hessian(model, x, y, loss=case.loss)
+    h = top_eigenvalues(model, (x, y), k=1, matrix="hessian", tol=1e-10, loss=case.loss)
+    assert h.value == pytest.approx(float(torch.linalg.eigvalsh(hess)[-1]), rel=1e-7)
+    tr = hessian_trace(model, (x, y), num_probes=32, generator=0, loss=case.loss)
+    assert abs(tr.value - float(hess.trace())) < Z * tr.stderr
+
+
+def test_hessian_of_the_reference_is_the_torch_loss():
+    """The references differentiate the torch functional itself: ignore_index is honoured there."""
+    model, x, y = materialise_seq(LM_FRESH)
+    out = model(x)
+    want = nn.functional.cross_entropy(out[y != IGNORE], y[y != IGNORE])
+    assert float(reference_loss(out, y)) == pytest.approx(float(want), rel=1e-14)
+
+
+def test_auto_never_runs_exact_on_a_large_vocabulary():
+    """A 32k-token vocabulary: exact would take P·K = 3·32000 passes a batch; auto runs fisher_is."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=32_000, width=4, heads=1, max_len=3).double().eval()
+    ids = torch.randint(1, 32_000, (2, 3), generator=torch.Generator().manual_seed(0))
+    r = ggn_trace(model, (ids, ids), max_probes=8, generator=0, backend="func")
+    assert r.method == "fisher_is" and "exact would take" in r.extra["auto"] and r.n_probes == 8
+
+
+def test_auto_on_a_short_sequence_with_few_classes_is_exact():
+    model, x, y = materialise_seq(SEQ_CASES[4])  # MSE, one 3-dim prediction a sample: P·K = 3
+    r = ggn_trace(model, (x, y), loss="mse", backend="func")
+    assert r.method == "exact" and "P·K = 3" in r.extra["auto"]
+
+
+def test_output_fn_picks_the_logits():
+    model, x, y = materialise_seq(SEQ_CASES[3])  # the tagger returns (logits, hidden): the default takes [0]
+    default = exact_ggn_trace(model, (x, y), backend="func").value
+    assert exact_ggn_trace(model, (x, y), backend="func", output_fn=lambda o: o[0]).value == default
+    # another choice of output is honoured: the hidden state under "mse" against zero targets
+    hidden = exact_ggn_trace(model, (x, torch.zeros(5, 3, 5, dtype=torch.float64)), loss="mse", backend="func",
+                             output_fn=lambda o: o[1])
+    assert hidden.value == pytest.approx(float(dense_ggn(model, x, torch.zeros(5, 3, 5, dtype=torch.float64),
+                                                         loss="mse", output_fn=lambda o: o[1]).trace()), rel=REL)
+    assert "out.weight" not in hidden.per_param or hidden.per_param["out.weight"] == 0
+
+
+def test_bce_on_saturated_logits_in_float32():
+    """σ(1 − σ) at logits ±40 is e^-40 ≈ 4e-18, below float32's resolution of 1 − σ: computed from
+    log-sigmoids, float32 agrees with float64 and is not zero."""
+    net = nn.Linear(2, 3)
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[40.0, 0.0], [-40.0, 0.0], [0.0, 1.0]]))
+        net.bias.zero_()
+    x = torch.tensor([[1.0, 0.5], [1.0, -0.5]])
+    y = torch.tensor([[1.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
+    r32 = exact_ggn_trace(net, (x, y), loss="bce")
+    r64 = exact_ggn_trace(copy.deepcopy(net).double(), (x.double(), y.double()), loss="bce")
+    assert r32.value == pytest.approx(r64.value, rel=1e-5)
+    saturated = exact_ggn_trace(nn.Linear(2, 1), (x, y[:, :1]), loss="bce")  # sanity: a plain call runs
+    assert saturated.value > 0
+    with torch.no_grad():
+        net.weight[2] = torch.tensor([40.0, 0.0])  # every logit saturated: Tr(G) = O(e^-40), still positive in float32
+    tiny = exact_ggn_trace(net, (x, y), loss="bce")
+    assert 0 < tiny.value == pytest.approx(exact_ggn_trace(copy.deepcopy(net).double(), (x.double(), y.double()),
+                                                           loss="bce").value, rel=1e-5)
