@@ -297,10 +297,15 @@ def trace_checkpoint(
     name = data or config.get("data")
     if name is None:
         raise GmixError(f"{checkpoint} does not say which data it was trained on: name it with --data")
-    ds = load_trace_data(name, split, data_dir if data_dir is not None else config.get("data_dir"), samples=samples,
-                         seed=seed, image_size=_image_size(name, input_shape, config))  # fmt: skip
+    ds_dir = data_dir if data_dir is not None else config.get("data_dir")
+    ds = load_trace_data(name, split, ds_dir, samples=samples, seed=seed,
+                         image_size=_image_size(name, input_shape, config))  # fmt: skip
     if ignore_index is None:
         ignore_index = int(getattr(ds, "ignore_index", -100))
+    vocab = config.get("num_classes")
+    if hasattr(ds, "tokenizer") and vocab is not None and int(vocab) != ds.num_classes:
+        raise GmixError(f"the {name} vocabulary built from the training text of {ds_dir} has {ds.num_classes} "
+                        f"tokens but the model's has {vocab}: use the --data-dir it was trained on")  # fmt: skip
     net = net.to(device)
     batches = EvalBatches(ds, batch_size)
     x0, y0 = batches.probe()

@@ -20,7 +20,7 @@ from torch import nn
 from gmix_curvature.checkpoint import load_checkpoint, save_checkpoint
 from gmix_curvature.cli import main
 from gmix_curvature.curvature import exact_ggn_trace
-from gmix_curvature.curvature.report import load_trace_data
+from gmix_curvature.curvature.report import EvalBatches, load_trace_data
 from gmix_curvature.data import DATASETS, load_dataset
 from gmix_curvature.data_large import PAD, load_imagenet, load_multi30k
 from gmix_curvature.models import build_model
@@ -172,6 +172,28 @@ def test_trace_of_a_fig3_transformer_checkpoint_on_multi30k(fig3_run, tmp_path, 
     code, _, _ = _trace([str(out), "--method", "fisher_is", "--probes", "2", "--samples", "5", "--no-progress"],
                         capsys)  # fmt: skip
     assert code == 0
+
+
+def test_trace_of_a_fig3_checkpoint_on_another_vocabulary_is_one_line(fig3_run, tmp_path, capsys):
+    from large_data import SENTENCES
+
+    bird = ("ein vogel fliegt hoch .", "a bird flies high .")
+    other = write_multi30k(tmp_path, train=[*SENTENCES, bird, bird])  # two more words seen twice
+    code, _, err = _trace([str(fig3_run[1]), "--data-dir", str(other), "--samples", "4", "--no-progress"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "vocabulary built from the training text" in err and "use the --data-dir it was trained on" in err
+
+
+def test_evaluation_batches_too_large_to_keep_are_decoded_again_on_every_pass(tmp_path):
+    root = write_imagefolder(tmp_path / "imagenet", per_class=(3, 1), size=(20, 28))
+    ds = load_trace_data("imagenet", "train", root, samples=7, seed=4, image_size=16)
+    kept, decoded = EvalBatches(ds, 3), EvalBatches(ds, 3, cache_bytes=0)
+    assert kept._cache is not None and decoded._cache is None and len(decoded) == 3
+    for (xa, ya), (xb, yb), y in zip(kept, decoded, decoded.labels(), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(y, yb)
+    assert [len(y) for _, y in decoded] == [3, 3, 1]  # re-iterable: a second pass decodes again
+    decoded.transform = lambda x, y: (x, y + 10)
+    assert torch.equal(torch.cat(list(decoded.labels())), ds.y + 10)
 
 
 @pytest.mark.parametrize("loss", ["mse", "bce"])
