@@ -21,7 +21,9 @@ between positions included. Two backends:
   all its uses summed before the square: Σ_u ‖G^(u)‖² + 2 Σ_{u<u'} ⟨G^(u), G^(u')⟩, the cross terms from
   the factored (ghost) forms of Linear and Embedding uses (no per-sample (V, d) tensor), else from dense
   per-sample gradients of the uses. A module called on a batch of 1 inside a batch of N (a position
-  embedding on (1, T) ids) is taken to broadcast over the batch: its output is expanded to N.
+  embedding on (1, T) ids) is taken to broadcast over the batch: its output is expanded to N (embeddings
+  only: any other module computing a batch of 1, e.g. Swin V2's position-bias MLP on a buffer, sends the
+  model to torch.func).
   ``routes`` says which path each module took.
 * ``"func"`` — ``torch.func.vmap(grad)`` over samples of the whole model: any model whose samples are
   independent (one sample at a time where the forward has data-dependent control flow that vmap refuses,
@@ -65,13 +67,25 @@ class _Unsupported(Exception):
     """The model cannot take the hooks backend (the reason is the message)."""
 
 
+class _Stray(Exception):
+    """Parameters used outside the modules routed to own them; ``holders``: the modules that must own them."""
+
+    def __init__(self, message: str, holders: frozenset[str]) -> None:
+        super().__init__(message)
+        self.holders = holders
+
+
 def _class_path(m: nn.Module) -> str:
     return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
-def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, tuple[str, Any, dict[str, str]]]:
+def _plan(
+    model: nn.Module, params: dict[str, nn.Parameter], subtrees: frozenset[str] = frozenset()
+) -> dict[str, tuple[str, Any, dict[str, str]]]:
     """{module name: (route, rule, {local parameter name: global name})} for the modules owning tracked
-    parameters; raises _Unsupported where the hooks cannot apply."""
+    parameters; raises _Unsupported where the hooks cannot apply. A module in ``subtrees`` uses its
+    children's parameters in its own forward (torchvision's Swin attention calls ``F.linear`` on
+    ``self.qkv.weight``): the fallback takes it whole, its parameters and all its descendants'."""
     names = {id(p): name for name, p in params.items() if p.requires_grad}
     registered: dict[int, list[str]] = {}  # parameter -> the modules that register it
     for mname, m in model.named_modules():
@@ -90,6 +104,12 @@ def _plan(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, tuple[
         if isinstance(m, _BatchNorm) and m.running_mean is None:
             raise _Unsupported(f"BatchNorm {mname!r} has no running statistics: its samples are not independent")
         if any(mname.startswith(c + ".") for c in claimed):
+            continue
+        if mname in subtrees:
+            local = {k: names[id(p)] for k, p in m.named_parameters() if id(p) in names}
+            if local:
+                plan[mname] = ("fallback", None, local)
+            claimed.add(mname)
             continue
         rule = rule_for(m)
         if rule is not None:
@@ -152,21 +172,36 @@ def _detach(t: Any) -> Any:
 
 
 class _Watch(TorchFunctionMode):
-    """Finds tracked parameters used by a torch function outside the forward of every module owning them
-    (a parent calling ``F.linear(h, self.embed.weight)``): the hooks would miss that use."""
+    """Finds tracked parameters used by a torch function outside the forward of every module routed to own
+    them (torchvision's Swin attention calling ``F.linear`` on ``self.qkv.weight``; a parent calling
+    ``F.linear(h, self.embed.weight)``): the hooks would miss that use. ``stray`` maps each such parameter to
+    the innermost module running at the time that holds an owner: the fallback must take that module whole."""
 
-    def __init__(self, owners: dict[int, set[int]], active: list[int]) -> None:
+    def __init__(self, owners: dict[int, set[str]]) -> None:
         super().__init__()
-        self.owners, self.active = owners, active
-        self.stray: set[int] = set()
+        self.owners = owners
+        self.stack: list[str] = []  # the names of the modules running, outermost first
+        self.stray: dict[int, str] = {}
+
+    def enter(self, name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.stack.append(name)
+
+        return hook
+
+    def leave(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.stack.pop()
 
     def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
             for t in tree_flatten((args, kwargs))[0]:
-                if isinstance(t, torch.Tensor) and id(t) in self.owners and not (self.owners[id(t)] & set(self.active)):
-                    self.stray.add(id(t))
+                if isinstance(t, torch.Tensor) and id(t) in self.owners:
+                    owners = self.owners[id(t)]
+                    if owners.isdisjoint(self.stack):
+                        holders = [a for a in self.stack if any(a == "" or o.startswith(a + ".") for o in owners)]
+                        self.stray[id(t)] = holders[-1] if holders else ""
         return out
 
 
@@ -199,6 +234,7 @@ class PerSampleNorms:
         self.requested = backend
         self.reason: str | None = None  # why auto took torch.func
         self._plan: dict[str, tuple[str, Any, dict[str, str]]] = {}
+        self._subtrees: frozenset[str] = frozenset()
         if backend != "func":
             try:
                 self._plan = _plan(model, params)
@@ -225,7 +261,15 @@ class PerSampleNorms:
         self._records, self._stops = [], []
         if self.backend == "hooks":
             try:
-                return self._hooked_forward(x)
+                while True:
+                    try:
+                        return self._hooked_forward(x)
+                    except _Stray as exc:  # a module using its children's parameters: the fallback takes it whole
+                        self._records, self._stops = [], []
+                        if "" in exc.holders:
+                            raise _Unsupported(str(exc)) from None
+                        self._subtrees = self._subtrees | exc.holders
+                        self._plan = _plan(self.model, self.params, self._subtrees)
             except _Unsupported as exc:
                 self._records, self._stops = [], []
                 if self.requested == "hooks":
@@ -239,7 +283,6 @@ class PerSampleNorms:
     def _hooked_forward(self, x: Any) -> torch.Tensor:
         n = _batch_size(x)
         budget = [CACHE_BUDGET]  # unfolded conv inputs kept across the backward passes of this forward
-        active: list[int] = []
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         modules = dict(self.model.named_modules())
 
@@ -247,7 +290,6 @@ class PerSampleNorms:
             route, _, local = self._plan[mname]
 
             def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-                active.append(id(m))
                 if route == "broadcast":
                     for k in local:
                         p = m._parameters[k]
@@ -265,7 +307,6 @@ class PerSampleNorms:
             route, rule, local = self._plan[mname]
 
             def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-                active.pop()
                 if route == "broadcast":
                     while swapped and swapped[-1][0] is m:
                         _, k, p = swapped.pop()
@@ -283,20 +324,26 @@ class PerSampleNorms:
                     if t.dim() == 0 or t.shape[0] not in (n, 1):
                         raise _Unsupported(f"module {mname!r} returned shape {tuple(t.shape)} for a batch of {n}")
                     expand = expand or (t.shape[0] == 1 and n > 1)
+                if expand and getattr(rule, "name", None) != "embedding":
+                    raise _Unsupported(f"module {mname!r} computes a batch of 1 inside a batch of {n}")
                 rec_args, rec_kwargs = tree_map(_detach, args), tree_map(_detach, kwargs)
-                if expand and rule is not None:
+                if expand:
                     rec_args = tuple(a.expand(n, *a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() > 0
                                      and a.shape[0] == 1 else a for a in rec_args)  # fmt: skip
                 rec = Record(m, rec_args, rec_kwargs, n, grads=[None] * len(slots), cache={},
                              options={"conv_rule": self.conv_rule, "budget": budget})  # fmt: skip
                 for i, j in enumerate(slots):
                     t = flat[j]
-                    if not t.requires_grad:
+                    if not t.requires_grad:  # fed by no leaf (token ids, a buffer): its output is a leaf
                         t = t.detach().requires_grad_()
                         self._stops.append(t)
                     if t.shape[0] == 1 and n > 1:
                         t = t.expand(n, *t.shape[1:])
-                    t.register_hook(self._slot(rec, i))
+                        t.register_hook(self._slot(rec, i))
+                    else:
+                        t.register_hook(self._slot(rec, i))
+                        if t.is_leaf:
+                            t = t.clone()  # consumers may modify it in place (ReLU(inplace=True)); a leaf can't be
                     flat[j] = t
                 self._records.append((rec, route, rule, local))
                 return tree_unflatten(flat, spec)
@@ -311,13 +358,15 @@ class PerSampleNorms:
         frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         watch = None
         if not self._checked:
-            owners: dict[int, set[int]] = {}
-            for mname, (_, rule, local) in self._plan.items():
+            owners: dict[int, set[str]] = {}
+            for mname, (_, _, local) in self._plan.items():
                 m = modules[mname]
-                own = rule.params(m) if rule is not None else dict(m.named_parameters(recurse=False))
                 for k in local:
-                    owners.setdefault(id(own[k]), set()).add(id(m))
-            watch = _Watch(owners, active)
+                    owners.setdefault(id(m.get_parameter(k)), set()).add(mname)
+            watch = _Watch(owners)
+            for mname, m in modules.items():
+                handles.append(m.register_forward_pre_hook(watch.enter(mname), prepend=True))
+                handles.append(m.register_forward_hook(watch.leave))
         try:
             for p, _ in frozen:  # params frozen: the backward reaches only the stopping set, no weight gradients
                 p.requires_grad_(False)
@@ -341,7 +390,8 @@ class PerSampleNorms:
             if watch.stray:
                 names = {id(p): name for name, p in self.params.items()}
                 stray = sorted(names.get(i, "?") for i in watch.stray)
-                raise _Unsupported(f"parameter {stray[0]!r} is used outside the forward of the module owning it")
+                raise _Stray(f"parameter {stray[0]!r} is used outside the forward of the module owning it",
+                             frozenset(watch.stray.values()))  # fmt: skip
             self._checked = True
         return self._logits.detach()
 

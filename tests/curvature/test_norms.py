@@ -123,6 +123,13 @@ def _convnext() -> nn.Module:
     return ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=5)
 
 
+def _swin() -> nn.Module:
+    """Its attention calls F.linear on its children's weights: the fallback takes the attention module whole."""
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer([4, 4], 8, [1, 1], [1, 2], [2, 2], num_classes=5)
+
+
 def _gpt2() -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -194,6 +201,9 @@ CASES = [
     NormCase("convnext", _convnext, lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
              {"features.1.0": "fallback", "features.0.0": CONV, "features.0.1": "rule:layer_norm_2d",
               "features.1.0.block.2": "rule:layer_norm", "features.1.0.block.3": LINEAR}, fallbacks=2),
+    NormCase("swin", _swin, lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
+             {"features.1.0.attn": "fallback", "features.3.0.attn": "fallback", "features.1.0.mlp.0": LINEAR,
+              "features.1.0.norm1": "rule:layer_norm", "features.2.reduction": LINEAR}, fallbacks=2),
     NormCase("gpt2", _gpt2, _hf_batch(50), {"transformer.wte": "rule:embedding", "transformer.wpe": "rule:embedding",
              "transformer.h.0.attn.c_attn": "rule:hf_conv1d", "transformer.ln_f": "rule:layer_norm"},
              output_fn=_logits),
