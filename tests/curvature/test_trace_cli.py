@@ -103,6 +103,29 @@ def test_help_lists_every_data_set_gmix_train_reads(capsys):
     assert {"imagenet", "imagefolder", "multi30k"} <= set(DATASETS)
 
 
+@pytest.mark.parametrize(
+    ("data", "shape", "classes"),
+    [("digits", (1, 8, 8), 10), ("mnist1d", (1, 40), 10), ("synthetic", (3, 32, 32), 10),
+     ("cifar10", (3, 32, 32), 10), ("cifar100", (3, 32, 32), 100)],
+)  # fmt: skip
+def test_trace_reads_the_in_memory_data_sets(data, shape, classes, tmp_path, capsys):
+    from large_data import write_cifar
+
+    if data.startswith("cifar"):
+        write_cifar(tmp_path, data, n_train=10)
+    net = build_model("mlp", num_classes=classes, input_shape=shape, hidden=[4])
+    torch.save(net.state_dict(), tmp_path / "mlp.pt")
+    out = tmp_path / "r.json"
+    code, _, err = _trace([str(tmp_path / "mlp.pt"), "--model", "mlp", "--model-kwargs", '{"hidden": [4]}',
+                           "--input-shape", ",".join(map(str, shape)), "--data", data, "--data-dir", str(tmp_path),
+                           "--samples", "6", "--seed", "5", "--method", "exact", "--json", str(out), "--no-progress"],
+                          capsys)  # fmt: skip
+    assert code == 0, err
+    ds = load_dataset(data, "train", tmp_path).subset(6, torch.Generator().manual_seed(5))
+    want = exact_ggn_trace(net, ds.tensors()).value  # unaugmented: the evaluation inputs
+    assert json.loads(out.read_text())["results"][0]["value"] == pytest.approx(want, rel=1e-6)
+
+
 def test_trace_reads_imagenet_and_any_imagefolder(tmp_path, capsys):
     """Regression: a torchvision ResNet state_dict on an ImageFolder ended in "'ImageFolderDataset' object has
     no attribute 'subset'"; now it is measured on a random subset, in eval transforms, at the model's size."""
