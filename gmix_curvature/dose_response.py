@@ -60,12 +60,15 @@ TRACE_POINTS = 8  # along-training records per run (each an exact Tr(G) on trace
 
 @dataclass(frozen=True)
 class DoseMetric:
-    """A column of the dose-response: ``key`` in the CSV, the run's measured ``source`` and whether it is logged."""
+    """A column of the dose-response: ``key`` in the CSV, the run's measured ``source``, whether it is logged, and
+    ``paired_base``: the run's own column holding the baseline's value to pair it with (None: the baseline run's
+    ``source`` of the same seed)."""
 
     key: str
     source: str
     label: str
     log: bool
+    paired_base: str | None = None
 
 
 DOSE_METRICS: tuple[DoseMetric, ...] = (
@@ -73,7 +76,8 @@ DOSE_METRICS: tuple[DoseMetric, ...] = (
     DoseMetric("log_ggn_trace", "ggn_trace", "ln Tr(G), test", True),
     DoseMetric("log_si_sharpness", "si_sharpness", "ln SI sharpness Σ‖θ_l‖²Tr(G_ll)", True),
     DoseMetric("si_weight_norm2", "si_weight_norm2", "‖θ‖² of BatchNorm-fed weights", False),
-    DoseMetric("log_ggn_trace_matched", "ggn_trace_matched", "ln Tr(G) at matched train loss L*", True),
+    DoseMetric("log_ggn_trace_matched", "ggn_trace_matched", "Δ ln Tr(G) vs r = 0 at matched train loss L*(r)", True,
+               paired_base="ggn_trace_matched_base"),
     DoseMetric("log_train_loss", "train_loss", "ln final training loss", True),
 )
 
@@ -210,18 +214,37 @@ def _read_trace(cell_dir: Path) -> list[dict[str, float]]:
 
 
 def _with_matched_loss(runs: list[dict[str, Any]], out: Path | None) -> list[dict[str, Any]]:
-    """Add ``ggn_trace_matched`` and ``matched_loss`` (L*) to every run: per weight decay, the runs' Tr(G) at
-    one training loss all of them reached (runs without along-training records get NaN)."""
+    """Add Tr(G) at a matched training loss to every run (:func:`gmix_curvature.table1.matched_loss_trace` on the
+    along-training records, read from ``out/<cell>/metrics.jsonl``, or a run's ``trace`` when ``out`` is None).
+
+    Per weight decay and arm: L*(arm) is the highest of the lowest losses reached by the arm's runs and the
+    baseline's (r = 0) runs, so each arm is compared with the baseline at a loss both reached — one common L*
+    for the whole grid would be set by the strongest mixing, which stops far above the others. Each run gets
+    ``matched_loss`` = L*(arm), ``ggn_trace_matched`` (its Tr(G) there) and ``ggn_trace_matched_base`` (the
+    baseline run of its seed at the same L*); the baseline's own runs are matched among themselves. Diverged
+    runs take no part.
+    """
     from gmix_curvature.table1 import matched_loss_trace
 
+    def trace(r: Mapping[str, Any]) -> list[dict[str, float]]:
+        if r.get("diverged"):
+            return []
+        return _read_trace(out / r["cell"]) if out is not None else list(r.get("trace", []))
+
+    traces = [trace(r) for r in runs]
     for wd in sorted({r.get("weight_decay") for r in runs}, key=str):
-        group = [r for r in runs if r.get("weight_decay") == wd]
-        traces = {i: (_read_trace(out / r["cell"]) if out is not None else r.get("trace", [])) for i, r in
-                  enumerate(group)}  # fmt: skip
-        level, at = matched_loss_trace(traces)
-        for i, r in enumerate(group):
-            r["matched_loss"] = level if level is not None else math.nan
-            r["ggn_trace_matched"] = at.get(i, math.nan)
+        group = [i for i, r in enumerate(runs) if r.get("weight_decay") == wd]
+        base = [i for i in group if runs[i]["noise"] == "none"]
+        for arm in sorted({(runs[i]["noise"], float(runs[i]["r"])) for i in group}):
+            mine = [i for i in group if (runs[i]["noise"], float(runs[i]["r"])) == arm]
+            pool = mine if arm[0] == "none" else mine + base
+            level, at = matched_loss_trace({i: traces[i] for i in pool})
+            for i in mine:
+                r = runs[i]
+                r["matched_loss"] = level if level is not None else math.nan
+                r["ggn_trace_matched"] = at.get(i, math.nan)
+                twin = [b for b in base if runs[b]["seed"] == r["seed"]]
+                r["ggn_trace_matched_base"] = at.get(twin[0], math.nan) if twin else math.nan
     return runs
 
 
@@ -248,15 +271,19 @@ def summarise_dose(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> li
         for metric in DOSE_METRICS:
             vals = [math.nan if r.get("diverged") else _value(r, metric) for r in mine]
             mean, sd, lo, hi, n = t_interval(vals, level)
-            diffs = [
-                (math.nan if r.get("diverged") else _value(r, metric)) - _value(base[r["seed"]], metric)
-                for r in mine if r["seed"] in base and not base[r["seed"]].get("diverged")
-            ]  # fmt: skip
+            if metric.paired_base is not None:  # the baseline's value is held by the run itself
+                base_of = {r["seed"]: _value(r, dataclasses.replace(metric, source=metric.paired_base)) for r in mine}
+            else:
+                base_of = {s: math.nan if b.get("diverged") else _value(b, metric) for s, b in base.items()}
+            diffs = [(math.nan if r.get("diverged") else _value(r, metric)) - base_of.get(r["seed"], math.nan)
+                     for r in mine]  # fmt: skip
             d_mean, _, d_lo, d_hi, d_n = t_interval(diffs, level) if noise != "none" else (math.nan,) * 4 + (0,)
             out.append({
                 "weight_decay": wd, "noise": noise, "r": ratio, "gamma_bar": 1 + ratio**2, "metric": metric.key,
                 "n": n, "runs": len(mine), "mean": mean, "sd": sd, "ci_low": lo, "ci_high": hi,
                 "diff_mean": d_mean, "diff_ci_low": d_lo, "diff_ci_high": d_hi, "diff_n": d_n,
+                "matched_loss": t_interval([r.get("matched_loss", math.nan) for r in mine])[0]
+                if metric.paired_base else math.nan,
             })  # fmt: skip
     return out
 
@@ -291,8 +318,10 @@ def write_dose_response(csv: str | Path, out: str | Path) -> Path:
 
 def plot_dose_response(table: Any, path: str | Path, *, data: str = "") -> Path:
     """One panel per metric (columns) and weight decay (rows): the mean over seeds against r = κ·B, one line per
-    noise kind with its 95 % confidence band, and the r = 0 baseline as a dotted line with its band. Drawn on a
-    :class:`matplotlib.figure.Figure` (matplotlib's global state is left alone)."""
+    noise kind with its 95 % confidence band, and the r = 0 baseline as a dotted line with its band; for Tr(G) at
+    the matched loss, whose level L*(r) differs per arm, the difference from the baseline paired by seed (its
+    band: the paired interval; the baseline: 0). Drawn on a :class:`matplotlib.figure.Figure` (matplotlib's
+    global state is left alone)."""
     import pandas as pd
     import seaborn as sns
     from matplotlib.figure import Figure
@@ -308,17 +337,21 @@ def plot_dose_response(table: Any, path: str | Path, *, data: str = "") -> Path:
                 ax = axes[i][j]
                 sub = table[(table["weight_decay"] == wd) & (table["metric"] == metric.key)]
                 base = sub[sub["noise"] == "none"]
+                cols = ("mean", "ci_low", "ci_high")
+                if metric.paired_base is not None:  # differences from the baseline, each at its own L*(r)
+                    cols = ("diff_mean", "diff_ci_low", "diff_ci_high")
+                    base = base.assign(diff_mean=0.0, diff_ci_low=math.nan, diff_ci_high=math.nan)
                 if len(base):
                     b = base.iloc[0]
-                    ax.axhline(b["mean"], color="0.3", ls=":", lw=1.2, label="r = 0 baseline")
-                    if math.isfinite(b["ci_low"]):
-                        ax.axhspan(b["ci_low"], b["ci_high"], color="0.5", alpha=0.15, lw=0)
+                    ax.axhline(b[cols[0]], color="0.3", ls=":", lw=1.2, label="r = 0 baseline")
+                    if math.isfinite(b[cols[1]]):
+                        ax.axhspan(b[cols[1]], b[cols[2]], color="0.5", alpha=0.15, lw=0)
                 for noise in DOSE_NOISES:
                     line = pd.concat([base, sub[sub["noise"] == noise]]).sort_values("r")
                     if len(line) <= len(base):
                         continue
-                    ax.plot(line["r"], line["mean"], marker="o", ms=3.5, color=colours[noise], label=noise)
-                    ax.fill_between(line["r"], line["ci_low"], line["ci_high"], color=colours[noise], alpha=0.2, lw=0)
+                    ax.plot(line["r"], line[cols[0]], marker="o", ms=3.5, color=colours[noise], label=noise)
+                    ax.fill_between(line["r"], line[cols[1]], line[cols[2]], color=colours[noise], alpha=0.2, lw=0)
                 ax.set_title(metric.label if i == 0 else "", fontsize=9)
                 ax.set_ylabel(f"weight decay {wd:g}" if j == 0 else "", fontsize=9)
                 ax.tick_params(labelsize=8)

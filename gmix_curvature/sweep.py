@@ -102,12 +102,13 @@ class SweepResult:
     def summary(self) -> str:
         head = f"shard {self.shard[0]}/{self.shard[1]}: " if self.shard else ""
         busy = f", {len(self.busy)} running elsewhere" if self.busy else ""
+        counts = (
+            f" (ran {len(self.ran)}, resumed {len(self.resumed)}, skipped {len(self.skipped)} finished{busy})"
+            if self.ran or self.resumed or self.skipped or self.busy else ""
+        )  # fmt: skip
         missing = f"; {len(self.missing)} cells of the grid not finished yet" if self.missing else ""
-        return (
-            f"{head}{len(self.rows)} cells in {self.csv} (ran {len(self.ran)}, resumed {len(self.resumed)}, "
-            f"skipped {len(self.skipped)} finished{busy}){missing}"
-            + (f"; figure {self.figure}" if self.figure else "")
-        )
+        return f"{head}{len(self.rows)} cells in {self.csv}{counts}{missing}" + (
+            f"; figure {self.figure}" if self.figure else "")
 
 
 def _slug(value: Any) -> str:

@@ -90,17 +90,33 @@ def test_summary_pairs_by_seed_like_scipy():
     assert table[table.noise == "none"].diff_mean.isna().all()
 
 
-def test_matched_loss_per_weight_decay():
-    trace = [{"loss": 2.0, "ggn_trace": 1.0}, {"loss": 0.5, "ggn_trace": 4.0}]
+def test_matched_loss_per_arm_against_its_baseline():
+    fast = [{"loss": 2.0, "ggn_trace": 1.0}, {"loss": 0.5, "ggn_trace": 4.0}]
     slow = [{"loss": 2.0, "ggn_trace": 2.0}, {"loss": 1.0, "ggn_trace": 8.0}]
-    runs = [{"cell": "a", "weight_decay": 5e-4, "trace": trace}, {"cell": "b", "weight_decay": 5e-4, "trace": slow},
-            {"cell": "c", "weight_decay": 0.0, "trace": trace}, {"cell": "d", "weight_decay": 0.0, "trace": []}]
-    runs = _with_matched_loss(runs, None)
-    # weight decay 5e-4: L* = 1.0 (the slow run's lowest); run a crosses it halfway in log loss: Tr(G) = 2
-    assert [r["matched_loss"] for r in runs[:2]] == [1.0, 1.0]
-    assert [r["ggn_trace_matched"] for r in runs[:2]] == pytest.approx([2.0, 8.0], rel=1e-12)
-    assert runs[2]["matched_loss"] == 0.5 and runs[2]["ggn_trace_matched"] == 4.0  # its own group's L*
-    assert math.isnan(runs[3]["ggn_trace_matched"])
+    lower = [{"loss": 2.0, "ggn_trace": 1.0}, {"loss": 0.25, "ggn_trace": 3.0}]
+
+    def run(wd, noise, r, seed, trace, **kw):
+        return {"cell": f"{wd}-{noise}-{seed}", "weight_decay": wd, "noise": noise, "r": r, "seed": seed,
+                "trace": trace, **kw}  # fmt: skip
+
+    runs = _with_matched_loss([
+        run(5e-4, "none", 0.0, 0, fast), run(5e-4, "none", 0.0, 1, lower), run(5e-4, "gaussian", 2.0, 0, slow),
+        run(5e-4, "gaussian", 4.0, 0, slow, diverged="nan"), run(0.0, "none", 0.0, 0, fast),
+        run(0.0, "gaussian", 2.0, 0, []),
+    ], None)  # fmt: skip
+    base0, base1, mixed, diverged, base_wd0, untraced = runs
+    # the Gaussian arm: L* = 1.0 (its lowest loss); baseline seed 0 crosses it halfway in log loss: Tr(G) = 2
+    assert mixed["matched_loss"] == 1.0 and mixed["ggn_trace_matched"] == pytest.approx(8.0, rel=1e-12)
+    assert mixed["ggn_trace_matched_base"] == pytest.approx(2.0, rel=1e-12)
+    # the baselines among themselves: L* = 0.5, seed 1 interpolated between (2, 1) and (0.25, 3)
+    assert base0["matched_loss"] == base1["matched_loss"] == 0.5
+    assert base0["ggn_trace_matched"] == pytest.approx(4.0, rel=1e-12)
+    assert base1["ggn_trace_matched"] == pytest.approx(math.exp(math.log(3.0) * 2 / 3), rel=1e-12)
+    assert math.isnan(diverged["ggn_trace_matched"]) and math.isnan(untraced["ggn_trace_matched"])
+    assert base_wd0["matched_loss"] == 0.5  # weight decays are matched separately
+    row = next(x for x in summarise_dose(runs) if x["metric"] == "log_ggn_trace_matched" and x["r"] == 2.0
+               and x["weight_decay"] == 5e-4)  # fmt: skip
+    assert row["diff_mean"] == pytest.approx(math.log(8.0 / 2.0), rel=1e-12) and row["matched_loss"] == 1.0
 
 
 def test_report_from_a_results_csv(tmp_path, matplotlib_state_kept):
