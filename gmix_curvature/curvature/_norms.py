@@ -330,8 +330,13 @@ class PerSampleNorms:
                 if expand:
                     rec_args = tuple(a.expand(n, *a.shape[1:]) if isinstance(a, torch.Tensor) and a.dim() > 0
                                      and a.shape[0] == 1 else a for a in rec_args)  # fmt: skip
+                # the recorded inputs share their version counters with the model's: an in-place change after
+                # this call (which autograd does not catch once the parameters need no gradient) is found
+                versions = [(t, t._version) for t in tree_flatten((rec_args, rec_kwargs))[0]
+                            if isinstance(t, torch.Tensor)]  # fmt: skip
                 rec = Record(m, rec_args, rec_kwargs, n, grads=[None] * len(slots), cache={},
-                             options={"conv_rule": self.conv_rule, "budget": budget})  # fmt: skip
+                             options={"conv_rule": self.conv_rule, "budget": budget, "versions": versions,
+                                      "name": mname})  # fmt: skip
                 for i, j in enumerate(slots):
                     t = flat[j]
                     if not t.requires_grad:  # fed by no leaf (token ids, a buffer): its output is a leaf
@@ -431,6 +436,11 @@ class PerSampleNorms:
                 uses.setdefault(name, []).append((r, k))
         norm_cache: dict[int, dict[str, torch.Tensor]] = {}
         grad_cache: dict[int, dict[str, Factor | torch.Tensor]] = {}
+
+        for rec, *_ in self._records:
+            if any(t._version != version for t, version in rec.options.get("versions", ())):
+                raise GmixError(f"the input of module {rec.options['name']!r} was modified in place after the module "
+                                "ran; the hooks cannot see its value: use backend='func'")  # fmt: skip
 
         def norms_of(r: int) -> dict[str, torch.Tensor]:
             if r not in norm_cache:

@@ -52,6 +52,26 @@ class CausalLM(nn.Module):
         return self.head(self.layer(h, src_mask=mask, src_key_padding_mask=ids == 0, is_causal=True))
 
 
+class CrossAttention(nn.Module):
+    """Cross-attention with key/value widths of their own (separate q/k/v weights), a float (L, S) mask
+    and a boolean key padding mask; the query and the memory are two halves of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.memory = nn.Linear(4, 6)
+        self.attn = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True)
+        self.query = nn.Linear(4, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, mem = self.query(x[:, :3]), self.memory(x[:, 3:])
+        mask = torch.tensor([[0.0, -1.0, 0.5, 0.0], [0.2, 0.0, -0.3, 0.0], [0.0, 0.0, 0.0, -2.0]], dtype=x.dtype)
+        pad = x[:, 3:, 0] > 1.2  # some memory positions ignored, data-dependent
+        pad[:, 0] = False
+        h, _ = self.attn(q, mem, mem[..., :5], key_padding_mask=pad, attn_mask=mask)
+        return self.out(h)
+
+
 class Scaled(nn.Module):
     """A custom layer: no rule knows it."""
 
@@ -149,6 +169,11 @@ def _custom() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 6), Scaled(6), Block(6), nn.Linear(6, 3))
 
 
+def _conv3d_net() -> nn.Module:
+    """No rule for Conv3d: the module-local fallback."""
+    return nn.Sequential(nn.Conv3d(2, 3, 2), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 27, 4))
+
+
 # --- batches --------------------------------------------------------------------------------------
 def _ids(g: torch.Generator, n: int, t: int, vocab: int, pad: bool = True) -> torch.Tensor:
     ids = torch.randint(1, 4, (n, t), generator=g)  # few distinct tokens: repeats within a sample
@@ -210,6 +235,10 @@ CASES = [
     NormCase("bert", _bert, _hf_batch(40), {"bert.embeddings.word_embeddings": "rule:embedding",
              "bert.encoder.layer.0.attention.self.query": LINEAR, "cls.predictions.decoder": LINEAR},
              output_fn=_logits),
+    NormCase("cross_attention", CrossAttention, lambda g: torch.randn(4, 7, 4, generator=g, dtype=torch.float64),
+             {"attn": MHA, "query": LINEAR, "memory": LINEAR}),
+    NormCase("conv3d", _conv3d_net, lambda g: torch.randn(3, 2, 4, 4, 4, generator=g, dtype=torch.float64),
+             {"0": "fallback", "3": LINEAR}, fallbacks=1),
     NormCase("custom_layer", _custom, lambda g: torch.randn(4, 4, generator=g, dtype=torch.float64),
              {"0": LINEAR, "1": "fallback", "2": "fallback", "2.fc": LINEAR, "3": LINEAR}, fallbacks=2),
 ]  # fmt: skip
@@ -294,6 +323,26 @@ def test_stray_parameter_use_leaves_the_hooks() -> None:
     torch.testing.assert_close(psn.norms(v)["embed.weight"], want.norms(v)["embed.weight"], rtol=1e-12, atol=0)
     with pytest.raises(GmixError, match="used outside the forward of the module owning it"):
         PerSampleNorms(model, params, "hooks").forward(ids)
+
+
+class InPlaceAfter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x * 2.0
+        out = self.fc(h)
+        h.add_(1.0)  # the Linear's input changes after the Linear ran (autograd saved nothing to check)
+        return out + h
+
+
+def test_input_modified_in_place_is_refused() -> None:
+    model = InPlaceAfter().double()
+    psn = PerSampleNorms(model, dict(model.named_parameters()))
+    out = psn.forward(torch.randn(2, 3, dtype=torch.float64))
+    with pytest.raises(GmixError, match="input of module 'fc' was modified in place"):
+        psn.norms(torch.ones_like(out))
 
 
 def test_sequence_first_model_takes_func() -> None:

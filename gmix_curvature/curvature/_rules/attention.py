@@ -3,8 +3,9 @@
 ``nn.TransformerEncoderLayer`` and ``F.multi_head_attention_forward`` use ``out_proj`` functionally, so a hook
 on ``out_proj`` never fires; the rule owns all of the attention's parameters instead. From the recorded
 query, key and value it recomputes Q, K, V, the attention probabilities and the context C (the input of
-``out_proj``) in float, then backpropagates the recorded output gradient g through the attention alone
-(batched: the samples of a batch do not interact) to get the gradients at Q, K and V. Each projection is
+``out_proj``) once per forward pass (kept across the backward passes within the cache budget), then
+backpropagates each recorded output gradient g through the softmax attention by hand (batched: the
+samples of a batch do not interact) to get the gradients at Q, K and V. Each projection is
 then a Linear over positions (:func:`linear.weight_norms`): in_proj's three row blocks are disjoint, so its
 squared norm is the sum of the query, key and value blocks'.
 Not covered (the module-local fallback takes them): add_bias_kv, add_zero_attn, dropout in train mode.
@@ -52,16 +53,18 @@ class MultiheadAttentionRule(LayerRule):
     def params(self, m: nn.Module) -> dict[str, nn.Parameter]:
         return dict(m.named_parameters())
 
-    def _backward(self, rec: Record) -> dict[str, torch.Tensor]:
+    def _forward(self, rec: Record) -> dict[str, torch.Tensor]:
+        """Q, K, V, the attention probabilities P and the context C of the recorded call (batch-first),
+        kept between the backward passes of one forward pass while they fit the cache budget."""
+        if "attention" in rec.cache:
+            return rec.cache["attention"]
         m: nn.MultiheadAttention = rec.module
-        if m.training and m.dropout > 0:
-            raise GmixError("per-sample norms of a MultiheadAttention in train mode with dropout: use eval mode")
         bound = _SIGNATURE.bind(m, *rec.args, **rec.kwargs)
         bound.apply_defaults()
         a = bound.arguments
-        q, k, v, g = a["query"], a["key"], a["value"], rec.g
+        q, k, v = a["query"], a["key"], a["value"]
         if not m.batch_first:
-            q, k, v, g = (t.transpose(0, 1) for t in (q, k, v, g))
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         n, length, e = q.shape
         s, heads, d = k.shape[1], m.num_heads, m.head_dim
         if m._qkv_same_embed_dim:
@@ -76,19 +79,42 @@ class MultiheadAttentionRule(LayerRule):
         kpm = _float_mask(a["key_padding_mask"], q.dtype)
         if kpm is not None:
             mask = kpm.view(n, 1, 1, s) if mask is None else mask + kpm.view(n, 1, 1, s)
-        with torch.enable_grad():
-            qp = F.linear(q, wq, bq).requires_grad_()
-            kp = F.linear(k, wk, bk).requires_grad_()
-            vp = F.linear(v, wv, bv).requires_grad_()
-            scores = (qp.view(n, length, heads, d).transpose(1, 2) * (1.0 / math.sqrt(d))) @ kp.view(
-                n, s, heads, d
-            ).permute(0, 2, 3, 1)
-            if mask is not None:
-                scores = scores + mask
-            context = (scores.softmax(-1) @ vp.view(n, s, heads, d).transpose(1, 2)).transpose(1, 2)
-            context = context.reshape(n, length, e)
-            gq, gk, gv = torch.autograd.grad(context, (qp, kp, vp), g @ m.out_proj.weight.detach())
-        return {"q": q, "k": k, "v": v, "g": g, "c": context.detach(), "gq": gq, "gk": gk, "gv": gv}
+        qh = F.linear(q, wq, bq).view(n, length, heads, d).transpose(1, 2)  # (n, H, L, d)
+        kh = F.linear(k, wk, bk).view(n, s, heads, d).transpose(1, 2)
+        vh = F.linear(v, wv, bv).view(n, s, heads, d).transpose(1, 2)
+        scores = (qh * (1.0 / math.sqrt(d))) @ kh.transpose(-1, -2)  # (n, H, L, S)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(-1)
+        context = (probs @ vh).transpose(1, 2).reshape(n, length, e)
+        out = {"q": q, "k": k, "v": v, "qh": qh, "kh": kh, "vh": vh, "p": probs, "c": context}
+        size = sum(t.numel() for t in out.values())
+        budget = rec.options.get("budget")
+        if budget is not None and budget[0] >= size:
+            rec.cache["attention"] = out
+            budget[0] -= size
+        return out
+
+    def _backward(self, rec: Record) -> dict[str, torch.Tensor]:
+        """The gradients at the projected queries, keys and values: the softmax attention's backward by hand."""
+        m: nn.MultiheadAttention = rec.module
+        if m.training and m.dropout > 0:
+            raise GmixError("per-sample norms of a MultiheadAttention in train mode with dropout: use eval mode")
+        t = dict(self._forward(rec))
+        g = rec.g if m.batch_first else rec.g.transpose(0, 1)
+        n, length, e = g.shape
+        heads, d = m.num_heads, m.head_dim
+        probs, qh, kh, vh = t["p"], t["qh"], t["kh"], t["vh"]
+        dc = (g @ m.out_proj.weight.detach()).view(n, length, heads, d).transpose(1, 2)  # (n, H, L, d)
+        dv = probs.transpose(-1, -2) @ dc
+        dp = dc @ vh.transpose(-1, -2)
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))
+        scale = 1.0 / math.sqrt(d)
+        dq, dk = (ds @ kh) * scale, (ds.transpose(-1, -2) @ qh) * scale
+        t["g"] = g
+        for name, grad in (("gq", dq), ("gk", dk), ("gv", dv)):
+            t[name] = grad.transpose(1, 2).reshape(n, grad.shape[2], e)
+        return t
 
     def norms(self, rec: Record) -> dict[str, torch.Tensor]:
         m = rec.module
