@@ -14,6 +14,7 @@ from torch import nn
 
 from gmix_curvature.curvature._engine import make_predictions
 from gmix_curvature.curvature._loss import Loss, get_loss
+from gmix_curvature.curvature._model import kernel_context
 from gmix_curvature.curvature._outputs import OutputFn, predictions, resolve_output_fn
 from gmix_curvature.curvature._param_space import run_param_space
 from gmix_curvature.curvature._result import CurvatureResult
@@ -50,7 +51,7 @@ def hessian_vector_product(
     ['bias', 'weight']
     """
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    with torch.enable_grad():
+    with torch.enable_grad(), kernel_context():  # the fused attention kernels have no second derivative
         total, _ = _summed_loss(model, x, y, get_loss(loss), ignore_index, resolve_output_fn(output_fn))
         grads = torch.autograd.grad(total, list(params.values()), create_graph=True)
         hv = torch.autograd.grad(grads, list(params.values()), grad_outputs=[v[k] for k in params])

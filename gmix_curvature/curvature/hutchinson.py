@@ -18,6 +18,7 @@ from torch.func import jvp, vjp, vmap
 
 from gmix_curvature.curvature._engine import make_predictions
 from gmix_curvature.curvature._loss import Loss, Predictions, get_loss
+from gmix_curvature.curvature._model import kernel_context
 from gmix_curvature.curvature._outputs import OutputFn, resolve_output_fn
 from gmix_curvature.curvature._param_space import functional_output, run_param_space
 from gmix_curvature.curvature._result import CurvatureResult
@@ -61,10 +62,11 @@ def ggn_vector_product(
     params = params if params is not None else {k: p for k, p in model.named_parameters() if p.requires_grad}
     detached = {k: p.detach() for k, p in params.items()}
     f = functional_output(model, x, output_fn, dict(model.named_buffers()))
-    out, jv = jvp(f, (detached,), ({k: v[k] for k in detached},))
-    pb = make_predictions(out, default_targets(out, loss_) if y is None else y, loss_, ignore_index)
-    _, pullback = vjp(f, detached)
-    return pullback(pb.to_output(loss_.h_times(pb.stats, pb.rows(jv))))[0]
+    with kernel_context():  # no forward-mode derivative in the fused attention kernels
+        out, jv = jvp(f, (detached,), ({k: v[k] for k in detached},))
+        pb = make_predictions(out, default_targets(out, loss_) if y is None else y, loss_, ignore_index)
+        _, pullback = vjp(f, detached)
+        return pullback(pb.to_output(loss_.h_times(pb.stats, pb.rows(jv))))[0]
 
 
 def hutchinson_ggn_trace(

@@ -1,7 +1,8 @@
 """Dense, obviously-correct references for the tests: G and the Hessian materialised with ``torch.func``.
 
 Slow (they build the full Jacobian of every output with respect to every parameter) and meant for tiny models
-in float64. The model is evaluated as it is (call ``model.eval()`` first for running BatchNorm statistics).
+in float64. The model is evaluated as it is (call ``model.eval()`` first for running BatchNorm statistics), on
+the math attention kernel (``_model.kernel_context``: the fused kernels lack the derivatives).
 G is formed from its definition, independently of the estimators' factorisations: G = Jᵀ (∇²_f L) J with
 L = the torch loss functional (``F.cross_entropy`` with ``ignore_index``, ``F.mse_loss``,
 ``F.binary_cross_entropy_with_logits``, reduction ``"mean"``) of the whole output f, its Hessian in f taken
@@ -19,6 +20,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev  # hessian: of the loss in the logits only
 
 from gmix_curvature.curvature._loss import get_loss
+from gmix_curvature.curvature._model import kernel_context
 from gmix_curvature.curvature._outputs import OutputFn, resolve_output_fn
 
 __all__ = ["dense_ggn", "dense_hessian", "dense_jacobian", "flat_param_names", "reference_loss"]
@@ -57,7 +59,8 @@ def _flat_fn(model: nn.Module, x: Any, out_fn: Callable, output_fn: OutputFn | N
 def dense_jacobian(model: nn.Module, x: Any, output_fn: OutputFn | None = None) -> torch.Tensor:
     """J with J[i, ..., :] = ∂f(x_i)[...]/∂θ, shape (*output shape, d)."""
     f, theta = _flat_fn(model, x, lambda out: out, output_fn)
-    return jacrev(f)(theta)
+    with kernel_context():  # fused attention kernels have no second derivative; the math kernel does
+        return jacrev(f)(theta)
 
 
 def reference_loss(out: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy", ignore_index: int = -100):
@@ -91,7 +94,7 @@ def dense_ggn(
     """
     jac = dense_jacobian(model, x, output_fn)
     f, theta = _flat_fn(model, x, lambda o: o, output_fn)
-    with torch.no_grad():
+    with torch.no_grad(), kernel_context():
         out = f(theta)
     if y is None:
         y = torch.zeros(out.shape[0], dtype=torch.int64) if get_loss(loss).name == "cross_entropy" else out * 0
@@ -119,4 +122,5 @@ def dense_hessian(
     double backward and ``jvp(grad(...))`` are right.
     """
     f, theta = _flat_fn(model, x, lambda out: reference_loss(out, y, loss, ignore_index), output_fn)
-    return torch.autograd.functional.hessian(f, theta)
+    with kernel_context():
+        return torch.autograd.functional.hessian(f, theta)

