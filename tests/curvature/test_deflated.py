@@ -12,18 +12,13 @@ import torch
 from torch import nn
 from torch.func import functional_call, jacrev
 
+from gmix_curvature.curvature._engine import make_predictions
+from gmix_curvature.curvature._loss import get_loss
+from gmix_curvature.curvature._model import kernel_context
 from gmix_curvature.curvature._norms import PerSampleNorms
-from gmix_curvature.curvature._softmax import softmax_stats
-from gmix_curvature.curvature.deflated import (
-    Positions,
-    _functional,
-    _ggn_columns,
-    _is_vector,
-    _jvp_columns,
-    _math_kernels,
-    deflated_ggn_trace,
-    sketch_basis,
-)
+from gmix_curvature.curvature.deflated import _functional, _ggn_columns, _jvp_columns, deflated_ggn_trace, sketch_basis
+from gmix_curvature.curvature.reference import dense_ggn
+from gmix_curvature.curvature.sampled import fisher_is_terms
 from gmix_curvature.errors import GmixError
 
 SIGMAS = 4.0  # a stochastic estimate must lie within this many of its standard errors of the dense value
@@ -53,10 +48,15 @@ class TinyLM(nn.Module):
 class Case:
     name: str
     trained: bool
+    loss: str = "cross_entropy"
 
     def build(self) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
         torch.manual_seed(0)
-        if self.name == "mlp":
+        if self.loss == "mse":
+            net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+            x = torch.randn(12, 4, dtype=torch.float64)
+            y = torch.randn(12, 3, dtype=torch.float64)
+        elif self.name == "mlp":
             net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
             x = torch.randn(12, 4, dtype=torch.float64)
             y = torch.randint(0, 3, (12,))
@@ -72,7 +72,7 @@ class Case:
 
 def _memorise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, target: float = 0.99) -> None:
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    with _math_kernels():
+    with kernel_context():
         for _ in range(400):
             out = net(x)
             loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), ignore_index=IGNORE)
@@ -86,12 +86,12 @@ def _memorise(net: nn.Module, x: torch.Tensor, y: torch.Tensor, target: float = 
     raise AssertionError("the tiny model did not memorise its batch")
 
 
-CASES = [Case("mlp", False), Case("lm", False), Case("lm", True)]
-IDS = [f"{c.name}-{'trained' if c.trained else 'fresh'}" for c in CASES]
+CASES = [Case("mlp", False), Case("lm", False), Case("lm", True), Case("mlp", False, "mse")]
+IDS = [f"{c.name}-{'trained' if c.trained else 'fresh'}-{c.loss}" for c in CASES]
 
 
-def dense(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(G, J): G = (1/n) Σ_t J_tᵀ H_t J_t over the counted positions, materialised; J (M, C, d) in rows."""
+def dense(case: Case, net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, J): G materialised by the package's jacrev reference, J (N, outputs per sample, d) by jacrev here."""
     params = {k: p.detach() for k, p in net.named_parameters()}
     shapes = {k: p.shape for k, p in params.items()}
     theta = torch.cat([p.reshape(-1) for p in params.values()])
@@ -103,15 +103,10 @@ def dense(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tenso
             start += s.numel()
         return functional_call(net, (parts, dict(net.named_buffers())), (x,))
 
-    with _math_kernels():
-        out = f(theta)
-        jac = jacrev(f)(theta)
-    num_classes = out.shape[-1]
-    jac = jac.reshape(-1, num_classes, theta.numel())
-    p = torch.softmax(out.reshape(-1, num_classes), -1)
-    counted = y.reshape(-1) != IGNORE
-    h = (torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)) * counted.reshape(-1, 1, 1)
-    return torch.einsum("mci,mcd,mdj->ij", jac, h, jac) / counted.sum(), jac
+    with kernel_context():
+        jac = jacrev(f)(theta).reshape(x.shape[0], -1, theta.numel())
+        g = dense_ggn(net, x, y, loss=case.loss, ignore_index=IGNORE)
+    return g, jac
 
 
 def _flat(cols: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -122,18 +117,17 @@ def _flat(cols: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_sketch_columns_are_ggn_products(case: Case) -> None:
     net, x, y = case.build()
-    g, _ = dense(net, x, y)
+    g, _ = dense(case, net, x, y)
     params = {k: p.detach() for k, p in net.named_parameters()}
     gen = torch.Generator().manual_seed(1)
     cols = {k: torch.randn((3, *p.shape), generator=gen, dtype=torch.float64) for k, p in params.items()}
 
-    def pos_fn(out: torch.Tensor) -> tuple:
-        pos = Positions(out, y, IGNORE)
-        return pos, softmax_stats(pos.rows)
+    def predictions_of(out: torch.Tensor):
+        return make_predictions(out, y, get_loss(case.loss), IGNORE)
 
-    with _math_kernels():
-        gv = _ggn_columns(_functional(net, x, lambda o: o), params, cols, pos_fn)
-    n = int((y != IGNORE).sum())
+    with kernel_context():
+        gv = _ggn_columns(_functional(net, x, lambda o: o), params, cols, predictions_of)
+    n = predictions_of(net(x)).count
     torch.testing.assert_close(_flat(gv) / n, _flat(cols) @ g, rtol=1e-9, atol=1e-12)
 
 
@@ -141,7 +135,7 @@ def test_sketch_columns_are_ggn_products(case: Case) -> None:
 def test_projection_identity(case: Case) -> None:
     """‖J_iᵀv_i‖² − Σ_j ⟨J_i q_j, v_i⟩² (per-sample norms and k JVPs) = ‖(I − QQᵀ) J_iᵀ v_i‖² (dense)."""
     net, x, y = case.build()
-    _, jac = dense(net, x, y)
+    _, jac = dense(case, net, x, y)
     params = {k: p.detach() for k, p in net.named_parameters()}
     d = jac.shape[-1]
     q_flat, _ = torch.linalg.qr(torch.randn(d, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2)))
@@ -149,18 +143,18 @@ def test_projection_identity(case: Case) -> None:
     for k, p in params.items():
         basis[k] = q_flat[start : start + p.numel()].T.reshape(3, *p.shape)
         start += p.numel()
-    with _math_kernels():
+    with kernel_context():
         out, jq = _jvp_columns(_functional(net, x, lambda o: o), params, basis)
-        pos = Positions(out, y, IGNORE)
-        v = _is_vector(softmax_stats(pos.rows), pos, torch.Generator().manual_seed(3))
+        pb = make_predictions(out, y, get_loss(case.loss), IGNORE)
+        ((w, v),) = fisher_is_terms(pb, torch.Generator().manual_seed(3), {})
         psn = PerSampleNorms(net, dict(net.named_parameters()), "func")
         psn.forward(x)
-        full = sum(psn.norms(pos.from_rows(v)).values())
-    proj = pos.per_sample_sum((pos.to_rows(jq) * v).sum(-1))  # (k, N)
-    ours = full - proj.square().sum(0)
-    grads = torch.einsum("mc,mcd->md", v, jac).reshape(x.shape[0], -1, d).sum(1)  # J_iᵀ v_i, (N, d)
+        full = sum(psn.norms(v).values())
+    proj = (jq.flatten(2) * v.flatten(1)).sum(-1)  # (k, N): ⟨J_i q_j, v_i⟩
+    ours = w * (full - proj.square().sum(0))
+    grads = torch.einsum("no,nod->nd", v.flatten(1), jac)  # J_iᵀ v_i, (N, d)
     residual = grads - grads @ q_flat @ q_flat.T
-    torch.testing.assert_close(ours, residual.square().sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours, w * residual.square().sum(1), rtol=1e-9, atol=1e-12)
 
 
 def test_sketch_basis_is_orthonormal_and_spans_a_low_rank_range() -> None:
@@ -176,9 +170,9 @@ def test_sketch_basis_is_orthonormal_and_spans_a_low_rank_range() -> None:
 def test_exact_once_the_sketch_spans_range_g(case: Case) -> None:
     """k ≥ rank G: the residual vanishes, so one probe returns Tr(G) to rounding."""
     net, x, y = case.build()
-    g, _ = dense(net, x, y)
+    g, _ = dense(case, net, x, y)
     rank = int(torch.linalg.matrix_rank(g))
-    r = deflated_ggn_trace(net, (x, y), rank=rank + 4, num_probes=2, generator=0)
+    r = deflated_ggn_trace(net, (x, y), rank=rank + 4, num_probes=2, generator=0, loss=case.loss)
     truth = float(torch.trace(g))
     assert abs(r.value - truth) < 1e-8 * truth
     assert r.stderr < 1e-8 * truth
@@ -189,7 +183,7 @@ def test_exact_when_the_basis_is_the_whole_space() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     x, y = torch.randn(40, 2, dtype=torch.float64), torch.randint(0, 2, (40,))
-    g, _ = dense(net, x, y)
+    g, _ = dense(Case("mlp", False), net, x, y)
     d = sum(p.numel() for p in net.parameters())
     r = deflated_ggn_trace(net, (x, y), rank=d + 10, num_probes=2, generator=1)
     assert r.extra["rank"] <= d
@@ -201,9 +195,9 @@ def test_exact_when_the_basis_is_the_whole_space() -> None:
 def test_unbiased_with_a_small_sketch(case: Case) -> None:
     """rank 2 leaves most directions to the sampled residual: within SIGMAS standard errors of Tr(G)."""
     net, x, y = case.build()
-    g, _ = dense(net, x, y)
+    g, _ = dense(case, net, x, y)
     truth = float(torch.trace(g))
-    r = deflated_ggn_trace(net, (x, y), rank=2, num_probes=200, generator=7)
+    r = deflated_ggn_trace(net, (x, y), rank=2, num_probes=200, generator=7, loss=case.loss)
     assert r.extra["captured_fraction"] < 0.999  # the residual is really sampled
     assert abs(r.value - truth) < SIGMAS * r.stderr, (r.value, truth, r.stderr)
     per_param_sum = sum(r.per_param.values())  # undeflated fisher_is blocks: unbiased as well
@@ -213,8 +207,9 @@ def test_unbiased_with_a_small_sketch(case: Case) -> None:
 
 def test_target_and_batches() -> None:
     """A target stops the probes; batch_size splits the data without changing the estimand."""
-    net, x, y = Case("lm", False).build()
-    g, _ = dense(net, x, y)
+    case = Case("lm", False)
+    net, x, y = case.build()
+    g, _ = dense(case, net, x, y)
     r = deflated_ggn_trace(net, (x, y), rank=3, batch_size=2, generator=3, target_rel_stderr=0.05, max_probes=400)
     assert r.n_probes >= 8 and (r.rel_stderr <= 0.05 or r.n_probes == 400)
     assert r.n_samples == 3 and r.extra["n_predictions"] == int((y != IGNORE).sum())
@@ -223,10 +218,10 @@ def test_target_and_batches() -> None:
 
 BAD = [
     ({"loss": "hinge"}, "unknown loss 'hinge'"),
-    ({"rank": 0}, "rank must be an int >= 1"),
-    ({"y": torch.zeros(3, 3, dtype=torch.int64)}, "do not match the model output"),
+    ({"rank": -1}, "rank must be an int >= 0"),
+    ({"y": torch.zeros(3, 3, dtype=torch.int64)}, "do not match logits"),
     ({"y": torch.full((3, 4), IGNORE)}, "every label is ignore_index"),
-    ({"y": torch.full((3, 4), 7)}, "labels out of range: found 7..7 for 5 classes"),
+    ({"y": torch.full((3, 4), 7)}, "labels out of range: found 7..7 for a model with 5 outputs"),
 ]
 
 
