@@ -48,6 +48,7 @@ __all__ = [
     "dose_grid",
     "train_and_measure",
     "t_interval",
+    "paired_mde",
     "summarise_dose",
     "write_dose_response",
     "plot_dose_response",
@@ -188,6 +189,24 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, flo
     return mean, sd, mean - half, mean + half, n
 
 
+def paired_mde(sd: float, n: int, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided paired t-test at ``1 − level`` detects with probability
+    ``power`` from ``n`` pairs whose differences have standard deviation ``sd``: δ·sd with δ solving
+    P(T' > t_{(1+level)/2, n−1}) = power for T' noncentral t with n − 1 degrees of freedom and noncentrality
+    δ√n (the far tail is negligible). NaN for n < 2 or a non-finite sd.
+
+    >>> round(paired_mde(1.0, 4), 3), round(paired_mde(1.0, 8), 3)
+    (2.128, 1.156)
+    """
+    from scipy import optimize, stats
+
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    crit = float(stats.t.ppf((1 + level) / 2, n - 1))
+    delta = optimize.brentq(lambda d: stats.nct.sf(crit, n - 1, d * math.sqrt(n)) - power, 1e-6, 100.0)
+    return float(delta * sd)
+
+
 def _value(row: Mapping[str, Any], metric: DoseMetric) -> float:
     x = row.get(metric.source)
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -251,7 +270,8 @@ def _with_matched_loss(runs: list[dict[str, Any]], out: Path | None) -> list[dic
 def summarise_dose(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> list[dict[str, Any]]:
     """The dose-response table, one row per (weight decay, noise kind, r, metric): over seeds, n, mean, sd and the
     ``level`` t-interval of the mean; and the difference from the r = 0 baseline of the same weight decay, paired
-    by seed (mean, its t-interval, and n pairs). The baseline appears under noise ``"none"``.
+    by seed (mean, its t-interval, n pairs, sd, and ``diff_mde80``: the difference :func:`paired_mde` detects
+    with 80 % power at this n and sd). The baseline appears under noise ``"none"``.
 
     ``runs`` are per-run dicts with ``weight_decay``, ``noise``, ``r``, ``seed`` and the sources of
     :data:`DOSE_METRICS`; a diverged run (``diverged`` set) counts as missing in every metric.
@@ -277,11 +297,12 @@ def summarise_dose(runs: Sequence[Mapping[str, Any]], level: float = 0.95) -> li
                 base_of = {s: math.nan if b.get("diverged") else _value(b, metric) for s, b in base.items()}
             diffs = [(math.nan if r.get("diverged") else _value(r, metric)) - base_of.get(r["seed"], math.nan)
                      for r in mine]  # fmt: skip
-            d_mean, _, d_lo, d_hi, d_n = t_interval(diffs, level) if noise != "none" else (math.nan,) * 4 + (0,)
+            d_mean, d_sd, d_lo, d_hi, d_n = t_interval(diffs, level) if noise != "none" else (math.nan,) * 4 + (0,)
             out.append({
                 "weight_decay": wd, "noise": noise, "r": ratio, "gamma_bar": 1 + ratio**2, "metric": metric.key,
                 "n": n, "runs": len(mine), "mean": mean, "sd": sd, "ci_low": lo, "ci_high": hi,
-                "diff_mean": d_mean, "diff_ci_low": d_lo, "diff_ci_high": d_hi, "diff_n": d_n,
+                "diff_mean": d_mean, "diff_ci_low": d_lo, "diff_ci_high": d_hi, "diff_n": d_n, "diff_sd": d_sd,
+                "diff_mde80": paired_mde(d_sd, d_n, level),
                 "matched_loss": t_interval([r.get("matched_loss", math.nan) for r in mine])[0]
                 if metric.paired_base else math.nan,
             })  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
@@ -14,6 +15,7 @@ from gmix_curvature.dose_response import (
     DOSE_METRICS,
     _with_matched_loss,
     dose_grid,
+    paired_mde,
     summarise_dose,
     t_interval,
     write_dose_response,
@@ -58,6 +60,23 @@ def test_t_interval_matches_scipy():
     assert math.isnan(t_interval([1.0])[2]) and t_interval([])[4] == 0
 
 
+@pytest.mark.montecarlo
+def test_paired_mde_has_its_power_in_simulation():
+    """Paired t-tests at the returned difference reject in 80 % of 20,000 simulated experiments (n = 4 pairs),
+    within 4 standard errors (0.0113); half the difference rejects far less often."""
+    rng = np.random.default_rng(0)
+    sd, n, sims = 0.3, 4, 20_000
+    for scale, want in ((1.0, 0.8), (0.5, None)):
+        d = rng.normal(scale * paired_mde(sd, n), sd, size=(sims, n))
+        p = stats.ttest_1samp(d, 0.0, axis=1).pvalue
+        rate = float(np.mean(p < 0.05))
+        if want is not None:
+            assert abs(rate - want) < 4 * math.sqrt(want * (1 - want) / sims)
+        else:
+            assert rate < 0.45
+    assert math.isnan(paired_mde(1.0, 1)) and paired_mde(2.0, 6) == pytest.approx(2 * paired_mde(1.0, 6))
+
+
 def _runs():
     """Baseline and Gaussian r = 2 at two weight decays, 4 seeds, hand-made values; one Gaussian run diverged."""
     base = {"ggn_trace": [300.0, 250.0, 280.0, 320.0], "test_acc": [92.0, 93.5, 91.0, 92.5]}
@@ -88,6 +107,7 @@ def test_summary_pairs_by_seed_like_scipy():
     ci = stats.ttest_rel([93.0, 93.0, 92.5], [92.0, 93.5, 91.0]).confidence_interval(0.95)
     assert (row.diff_ci_low, row.diff_ci_high) == pytest.approx((ci.low, ci.high), rel=1e-10)
     assert table[table.noise == "none"].diff_mean.isna().all()
+    assert row.diff_mde80 == pytest.approx(paired_mde(row.diff_sd, 3), rel=1e-12) and row.diff_sd > 0
 
 
 def test_matched_loss_per_arm_against_its_baseline():
