@@ -177,8 +177,17 @@ class _OpRecorder(TorchDispatchMode):
         self.where: dict[str, str] = {}
         self.handles = []
         for name, m in model.named_modules():
-            self.handles.append(m.register_forward_pre_hook(lambda mod, a, name=name: self.stack.append(name)))
-            self.handles.append(m.register_forward_hook(lambda mod, a, out: self.stack.pop()))
+            self.handles.append(m.register_forward_pre_hook(self._enter(name)))
+            self.handles.append(m.register_forward_hook(self._leave))
+
+    def _enter(self, name: str):  # noqa: ANN202
+        def hook(module: nn.Module, args: tuple) -> None:
+            self.stack.append(name)
+
+        return hook
+
+    def _leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.stack.pop()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         op = func._schema.name.split("::")[-1]
@@ -212,21 +221,49 @@ def _layer_running(model: nn.Module, op: str, seen: _FirstInput) -> str | None:
     return None
 
 
+def _once_differentiable_layer(model: nn.Module, seen: _FirstInput) -> tuple[str, str] | None:
+    """The innermost module whose output comes from an autograd.Function with a once-differentiable backward."""
+    if seen.args is None:
+        return None
+    found: list[tuple[str, str]] = []
+
+    def hook(name: str):  # noqa: ANN202
+        def check(module: nn.Module, args: tuple, output: Any) -> None:
+            fn = getattr(output, "grad_fn", None)
+            cls = getattr(fn, "_forward_cls", None)
+            if not found and cls is not None and hasattr(cls.backward, "__wrapped__"):
+                found.append((f"{name!r} ({type(module).__name__})", cls.__name__))
+
+        return check
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in model.named_modules()]
+    try:
+        with torch.enable_grad():
+            model(*seen.args, **seen.kwargs)
+    except Exception:  # noqa: BLE001 - best effort, as _layer_running
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
 def _missing_derivative(model: nn.Module, err: BaseException, seen: _FirstInput) -> str | None:
     """The one-line message for an operation without the derivative a product needs, or None."""
     text = str(err)
     if _ONCE_DIFFERENTIABLE in text:
-        return ("a custom autograd.Function in the model is marked @once_differentiable: it has no second "
-                "derivative; use a method built on per-sample norms (exact, fisher_is, output_hutchinson)")
+        found = _once_differentiable_layer(model, seen)
+        where = f"layer {found[0]}: its autograd.Function {found[1]}" if found else "an autograd.Function of the model"
+        return (f"{where} is marked @once_differentiable, so it has no second derivative; use a method built on "
+                "per-sample norms (exact, fisher_is, output_hutchinson)")
     for pattern, missing in _MISSING:
         found = pattern.search(text)
         if found:
             op = found.group(1).split(".")[0]
             layer = _layer_running(model, op, seen)
-            where = f"layer {layer}" if layer else "the model"
-            return (f"{where} runs aten::{op}, which has no {missing} in PyTorch: this product cannot be "
-                    f"formed through it; use a method built on per-sample norms (exact, fisher_is, "
-                    f"output_hutchinson)")
+            where = f"layer {layer}" if layer else "a layer of the model"
+            return (f"{where}: aten::{op} has no {missing} in PyTorch, so this product cannot be formed "
+                    f"through it; use a method built on per-sample norms (exact, fisher_is, output_hutchinson)")
     return None
 
 
