@@ -265,3 +265,21 @@ def test_bce_on_saturated_logits_in_float32():
     tiny = exact_ggn_trace(net, (x, y), loss="bce")
     assert 0 < tiny.value == pytest.approx(exact_ggn_trace(copy.deepcopy(net).double(), (x.double(), y.double()),
                                                            loss="bce").value, rel=1e-5)
+
+
+def test_saturated_sequences_in_float32():
+    """Every position saturated (1 − p_top ≈ 2e-13, zero in float32 by subtraction): exact and fisher_is in
+    float32 agree with float64, through the per-sample scaling of the signed rows."""
+    g = torch.Generator().manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 5), _Repeat())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(5, 3, generator=g))
+        model[0].bias.copy_(torch.tensor([30.0, 0, 0, 0, 0]))
+    x, y = torch.randn(8, 3, generator=g), torch.zeros(8, 6, dtype=torch.int64)
+    y[0, 3:] = IGNORE
+    model64 = copy.deepcopy(model).double()
+    exact64 = exact_ggn_trace(model64, (x.double(), y)).value
+    assert 0 < exact64 < 1e-9
+    assert exact_ggn_trace(model, (x, y)).value == pytest.approx(exact64, rel=1e-4)
+    r = ggn_trace(model, (x, y), "fisher_is", num_probes=32, generator=2)
+    assert r.stderr > 0 and abs(r.value - exact64) < Z * r.stderr
