@@ -139,11 +139,3 @@ def as_batches(
     if data is None:
         raise GmixError("no data given")
     return Batches(data, batch_size, device, dtype)
-
-
-def check_labels(y: torch.Tensor, num_classes: int) -> None:
-    """Labels must lie in 0..C-1 for a C-output model."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise GmixError(
-            f"labels out of range: found {int(y.min())}..{int(y.max())} for a model with {num_classes} outputs"
-        )

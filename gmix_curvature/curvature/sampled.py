@@ -56,8 +56,9 @@ def fisher_is_terms(pb: Predictions, g: torch.Generator, diag: dict) -> Iterator
     """One column c_t ~ q_t ∝ ‖S_t e_c‖² per counted prediction, weight Tr(H_t), and with several positions
     per sample an independent Rademacher sign per position (the cross terms vanish in expectation, §8)."""
     loss, s = pb.loss, pb.stats
-    c = sample_categorical(loss.log_column_weights(s), g)
-    yield row_terms(pb, loss.log_trace_h(s), loss.column_unit(s, c), signs=g)
+    log_w = loss.log_column_weights(s)
+    c = sample_categorical(log_w, g)
+    yield row_terms(pb, torch.logsumexp(log_w, dim=1), loss.column_unit(s, c), signs=g)  # Σ_c ‖S e_c‖² = Tr(H)
 
 
 def fisher_mc_terms(pb: Predictions, g: torch.Generator, diag: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
