@@ -356,7 +356,7 @@ class Predictions:
         self.n_samples = out.shape[0]
         npk = self.to_npk(out.detach())
         if isinstance(self.loss, CrossEntropy):
-            labels = y.reshape(self.n_samples, self.positions)
+            labels = y.reshape(self.n_samples, self.positions).long()  # uint8 masks (ignore 255), int32 ids
             self.mask = labels != ignore_index
             t = labels[self.mask]
         else:

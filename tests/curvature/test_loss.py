@@ -161,3 +161,13 @@ def test_non_finite_outputs_stop_with_the_number_of_samples(fn):
     extra = {"num_probes": 2, "generator": 0} if fn in (hutchinson_ggn_trace, hessian_trace) else {}
     with pytest.raises(GmixError, match="not finite \\(NaN or inf\\) for 2 of 10 samples"):
         fn(model, (x, y), batch_size=4, **extra)
+
+
+def test_segmentation_masks_as_uint8_with_ignore_255():
+    """torchvision's segmentation targets: uint8 masks whose 255 marks the pixels to ignore."""
+    case = SEQ_CASES[7]
+    model, x, y = materialise_seq(case)
+    want = exact_ggn_trace(model, (x, y)).value
+    mask = y.masked_fill(y == -100, 255).to(torch.uint8)
+    assert exact_ggn_trace(model, (x, mask), ignore_index=255).value == pytest.approx(want, rel=1e-12)
+    assert hessian_trace(model, (x, mask), ignore_index=255, num_probes=2, generator=0).n_samples == 3
