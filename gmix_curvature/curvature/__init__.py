@@ -4,7 +4,10 @@ sharpness, and a cheap snapshot for training. One estimator family per module; d
 theory/CURVATURE.md.
 
 Convention: G(θ) = (1/n) Σ_i J_iᵀ H_i J_i, H_i = diag(p_i) - p_i p_iᵀ, the model in eval mode (BatchNorm
-running statistics) unless ``bn_mode="train"``; every result records its method and BatchNorm mode.
+running statistics) unless ``bn_mode="train"``; every result records its method and BatchNorm mode. For
+outputs with several predictions per sample ((N, T, C), (N, C, d1, …), multi-label) and the ``"mse"`` and
+``"bce"`` losses: the mean over the n counted predictions (labels ≠ ``ignore_index``), the GGN of the loss
+with torch's ``reduction="mean"`` (``CONVENTION``; theory/CURVATURE.md §8).
 """
 
 from gmix_curvature.curvature._result import CONVENTION, CurvatureResult, EstimatorWarning

@@ -275,7 +275,6 @@ def run_per_sample(
     loss: str | Loss = "cross_entropy",
     ignore_index: int = -100,
     output_fn: OutputFn | None = None,
-    note: str | None = None,
 ) -> CurvatureResult:
     """Estimate (1/n) Σ_probes-mean Σ_i Σ_terms w_i ‖J_iᵀ v_i‖² with the per-sample-norm engine (see ``_norms``
     and the module docstring), n the number of counted predictions."""
@@ -342,8 +341,6 @@ def run_per_sample(
         "backend": psn.backend, "loss": loss_.name, "n_predictions": sums.n, "backward_passes": passes[0],
         **(finish(diag, sums) if finish else {}),
     }  # fmt: skip
-    if note:
-        extra["estimator"] = note
     if not exact:
         extra["probe_values"] = sums.probe_values()
     if target_rel_stderr is not None:
