@@ -133,12 +133,13 @@ def test_fisher_mc_warns_on_the_trained_lm_not_on_the_fresh_one():
     assert r.extra["effective_sample_size"] > 30
 
 
-def test_fisher_is_stderr_shrinks_as_one_over_sqrt_probes_on_the_trained_lm():
+@pytest.mark.parametrize("method", ["fisher_is", "output_hutchinson"])
+def test_stderr_shrinks_as_one_over_sqrt_probes_on_the_trained_lm(method):
     """Four times the probes halve the standard error; each is estimated from K probe values, the ratio's
     relative spread is about sqrt(1/(2·16) + 1/(2·64)) = 0.2, so 2 ± 3·0.2·2 is allowed."""
     model, x, y = materialise_seq(LM_TRAINED)
-    few = ggn_trace(model, (x, y), "fisher_is", num_probes=16, generator=21, backend=BACKEND)
-    many = ggn_trace(model, (x, y), "fisher_is", num_probes=64, generator=22, backend=BACKEND)
+    few = ggn_trace(model, (x, y), method, num_probes=16, generator=21, backend=BACKEND)
+    many = ggn_trace(model, (x, y), method, num_probes=64, generator=22, backend=BACKEND)
     assert 0.8 < few.stderr / many.stderr < 3.2
 
 
