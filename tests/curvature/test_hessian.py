@@ -7,10 +7,12 @@ import copy
 
 import pytest
 import torch
+from cases_kernels import ROUTED, build
 from conftest import FRESH, materialise
 from torch import nn
 
 from gmix_curvature.curvature import dense_hessian, exact_ggn_trace, hessian_trace, hessian_vector_product
+from gmix_curvature.curvature._model import kernel_context
 
 Z = 4.0  # standard errors allowed between a stochastic mean and the exact value
 REL = 1e-8
@@ -73,3 +75,43 @@ def test_agrees_with_pyhessian():
     ours = hessian_trace(model, (x, y), num_probes=32, generator=0)
     assert abs(ph_mean - dense) < Z * ph_se
     assert abs(ph_mean - ours.value) < Z * (ph_se**2 + ours.stderr**2) ** 0.5
+
+
+# kernel cases: second derivatives through the kernels bn_mode_context routes around (issue 15, item 5) ----------
+
+
+def _difference_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float = 1e-6) -> torch.Tensor:
+    """The Jacobian of the mean loss's gradient by central differences: first derivatives only, through the
+    model's own (fused) kernels."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def gradient() -> torch.Tensor:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    flat = [(p, i) for p in params for i in range(p.numel())]
+    columns = []
+    for p, i in flat:
+        with torch.no_grad():
+            p.view(-1)[i] += step
+        plus = gradient()
+        with torch.no_grad():
+            p.view(-1)[i] -= 2 * step
+        minus = gradient()
+        with torch.no_grad():
+            p.view(-1)[i] += step
+        columns.append((plus - minus) / (2 * step))
+    return torch.stack(columns, 1)
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_hessian_through_fused_kernels(name):
+    """nn.TransformerEncoderLayer's fused fast path (eval) and hardsigmoid's missing double backward: the dense
+    Hessian through the routed kernels equals differences of gradients through the fused ones, and Hutchinson
+    (hessian_trace) is unbiased for its trace."""
+    model, x, y = build(name)
+    with kernel_context():
+        dense = dense_hessian(model, x, y)
+    torch.testing.assert_close(dense, _difference_hessian(model, x, y), rtol=1e-5, atol=1e-5 * float(dense.abs().max()))
+    r = hessian_trace(model, (x, y), num_probes=32, generator=5)
+    assert abs(r.value - float(dense.trace())) < Z * r.stderr

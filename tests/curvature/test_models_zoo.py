@@ -2,11 +2,11 @@
 and v3, EfficientNet and ResNet at tiny widths and depths, 16×16 images (8×8 for ResNet, whose widths are
 fixed), float64, in eval mode.
 
-The reference is the model's Jacobian J (n × C × d, ``torch.func.jacrev``, first derivatives only, so through
-the fused kernels themselves): Tr(G) = (1/n) Σ_i Tr(H_i J_i J_iᵀ), the empirical Fisher (1/n) Σ_i r_iᵀ J_i J_iᵀ r_i
-with r_i = p_i - e_{y_i}, the GGN-vector product Jᵀ H J v / n and the top eigenvalue of G from the nC × nC matrix
-H^{1/2} J Jᵀ H^{1/2} / n. Hessian-vector products are checked against central differences of gradients (again
-first derivatives through the fused kernels): the products run on the kernels routed around by
+The reference is the model's Jacobian J (n × C × d, ``torch.func.jacrev``, first derivatives only):
+Tr(G) = (1/n) Σ_i Tr(H_i J_i J_iᵀ), the empirical Fisher (1/n) Σ_i r_iᵀ J_i J_iᵀ r_i with r_i = p_i - e_{y_i},
+the GGN-vector product Jᵀ H J v / n and the top eigenvalue of G from the nC × nC matrix H^{1/2} J Jᵀ H^{1/2} / n.
+Hessian-vector products are checked against central differences of gradients (first derivatives through the
+fused kernels): the products run on the kernels routed around by
 ``bn_mode_context`` (theory/KERNELS.md) and must agree with the function the fused kernels compute. Zero
 initialisations that make J degenerate (ViT's head, ConvNeXt's layer scale of 1e-6) are replaced.
 """
