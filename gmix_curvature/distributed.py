@@ -55,6 +55,15 @@ class DistContext:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_reduce_max(self, values: list[float]) -> list[float]:
+        """The maximum of each float over all ranks (identity in one process): how ranks agree on a flag that any
+        one of them may raise, e.g. a stop signal that reached only one rank."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

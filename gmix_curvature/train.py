@@ -22,10 +22,14 @@ atomically, and ``resume=True`` continues bit for bit. A non-finite loss raises
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
+import signal
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -43,9 +47,17 @@ from gmix_curvature import noise as noise_mod
 from gmix_curvature.checkpoint import FORMAT, model_from_config, read_checkpoint, save_checkpoint
 from gmix_curvature.data import load_dataset
 from gmix_curvature.distributed import DistContext, MixingHookState, init_distributed, mixing_comm_hook
-from gmix_curvature.errors import CheckpointError, GmixError, TrainingDiverged
+from gmix_curvature.errors import (
+    CheckpointError,
+    GmixError,
+    RunWriteError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
+from gmix_curvature.lock import run_lock
 from gmix_curvature.mixing import expand_group_weights
 from gmix_curvature.optim import optimizer_from_config, schedule_from_config
+from gmix_curvature.preemption import StopRequest, stop_on_signals
 
 __all__ = [
     "TrainConfig",
@@ -260,29 +272,62 @@ class EpochSampler:
 
 
 class Recorder:
-    """Appends JSON records to ``metrics.jsonl`` (rank 0 only); on resume keeps those up to the checkpoint."""
+    """Appends JSON records to ``metrics.jsonl`` (rank 0 only); on resume keeps those up to the checkpoint.
+
+    A failed write (disk full, permissions) does not raise here: the first error is kept in ``error`` and nothing
+    more is written, so that the training loop can stop every rank at the same step boundary.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        self.error: OSError | None = None
 
     def truncate_after(self, step: int) -> None:
+        """Keep the records of steps ``<= step``, in order; a line cut short by a kill (a torn tail) is dropped.
+        The file is replaced atomically, so a kill during the repair loses nothing."""
         if self.path is None or not self.path.exists():
             return
         kept = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a kill
-            if rec.get("step", 0) <= step:
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
                 kept.append(line)
-        self.path.write_text("".join(k + "\n" for k in kept))
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(k + "\n" for k in kept))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.path is None:
+        if self.path is None or self.error is not None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            self.error = exc
+
+    def sync(self) -> None:
+        """Flush the records to disk (before a checkpoint: the metrics never lag behind it)."""
+        if self.path is None or self.error is not None or not self.path.exists():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.error = exc
 
 
 def per_sample_losses(
@@ -416,6 +461,7 @@ def _tracer(config: TrainConfig, train_ds: Any) -> Callable[[nn.Module, int], di
     if not config.trace_every:
         return None
     from gmix_curvature.curvature import curvature_snapshot
+    from gmix_curvature.curvature.snapshot import snapshot_options
 
     g = torch.Generator().manual_seed(config.seed + 99)
     idx = torch.randperm(len(train_ds), generator=g)[: config.trace_samples]
@@ -423,7 +469,8 @@ def _tracer(config: TrainConfig, train_ds: Any) -> Callable[[nn.Module, int], di
 
     def trace(model: nn.Module, step: int) -> dict[str, float]:
         return curvature_snapshot(
-            model, data, method=config.trace_method, generator=torch.Generator().manual_seed(config.seed + step)
+            model, data, method=config.trace_method, generator=torch.Generator().manual_seed(config.seed + step),
+            **snapshot_options(train_ds),
         )
 
     return trace
@@ -454,6 +501,15 @@ def train(
         return _train(config, resume=resume, datasets=datasets, callback=callback, trust=trust)
 
 
+def _os_error(exc: OSError) -> str:
+    return f"[Errno {exc.errno}] {exc.strerror}" if exc.strerror else (str(exc) or type(exc).__name__)
+
+
+def _agree(ctx: DistContext, values: list[float]) -> list[float]:
+    """Every rank's maximum of each value: a flag any rank raises is seen by all at the same point."""
+    return ctx.all_reduce_max(values) if ctx.enabled else list(values)
+
+
 def _train(
     config: TrainConfig,
     *,
@@ -462,9 +518,38 @@ def _train(
     callback: Callable[[int, dict[str, float]], None] | None,
     trust: bool,
 ) -> TrainResult:
+    """One writer (rank 0 holds ``OUT/.lock``), stop signals turned into a clean stop, then the run."""
     t0 = time.perf_counter()
     ctx = init_distributed(config.device)
     out = Path(config.out) if config.out else None
+    with contextlib.ExitStack() as stack:
+        if out is not None:
+            error: BaseException | None = None
+            if ctx.is_main:
+                try:
+                    stack.enter_context(run_lock(out))
+                except GmixError as exc:
+                    error = exc
+                except OSError as exc:  # OUT cannot be created
+                    error = RunWriteError(f"cannot create the run directory {out}: {_os_error(exc)}")
+            if _agree(ctx, [float(error is not None)])[0]:
+                raise error if error is not None else GmixError(f"rank 0 could not lock {out}: see its message")
+        stop = stack.enter_context(stop_on_signals(f"gmix (rank {ctx.rank}): " if ctx.enabled else "gmix: "))
+        return _run(config, ctx, out, t0, stop, resume=resume, datasets=datasets, callback=callback, trust=trust)
+
+
+def _run(
+    config: TrainConfig,
+    ctx: DistContext,
+    out: Path | None,
+    t0: float,
+    stop: StopRequest,
+    *,
+    resume: bool,
+    datasets: tuple[Any, Any] | None,
+    callback: Callable[[int, dict[str, float]], None] | None,
+    trust: bool,
+) -> TrainResult:
     ckpt_path = out / "checkpoint.pt" if out else None
     saved: dict[str, Any] | None = None
     if resume:
@@ -511,12 +596,16 @@ def _train(
         "augment": torch.Generator().manual_seed(cfg.seed * 2 + 2),
     }
     start_step = last_ckpt = 0
+    # the training loss and accuracy since the last evaluation (checkpointed: a run stopped between two
+    # evaluations resumes with them, so its next evaluation record is the uninterrupted run's)
+    running = [0.0, 0.0, 0.0, 0.0]
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         _set_rng_state(saved["rng"], gens)
         start_step = last_ckpt = int(saved["step"])
+        running = [float(v) for v in saved.get("running", running)]
 
     hook_state: MixingHookState | None = None
     net: nn.Module = model
@@ -528,38 +617,78 @@ def _train(
             net.register_comm_hook(hook_state, mixing_comm_hook)
 
     recorder = Recorder(out / "metrics.jsonl" if out and ctx.is_main else None)
+    setup_error: RunWriteError | None = None
     if out and ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(model_config["train"], indent=2) + "\n")
-        if saved is not None:
-            recorder.truncate_after(start_step)
-        elif (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(model_config["train"], indent=2) + "\n")
+            if saved is not None:
+                recorder.truncate_after(start_step)
+            elif (out / "metrics.jsonl").exists():
+                (out / "metrics.jsonl").unlink()
+        except OSError as exc:
+            setup_error = RunWriteError(f"cannot write the run directory {out}: {_os_error(exc)}")
+    if _agree(ctx, [float(setup_error is not None)])[0]:
+        raise setup_error or RunWriteError(f"rank 0 could not write {out}: see its message")
     tracer = _tracer(cfg, train_ds)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> RunWriteError | None:
+        """Rank 0 writes the checkpoint of ``step`` (atomically); a failure is returned, not raised, so that every
+        rank stops at the same point, and the previous checkpoint stays in place."""
         if ckpt_path is None or not ctx.is_main:
+            return None
+        recorder.sync()
+        try:
+            save_checkpoint(
+                {
+                    "format": FORMAT,
+                    "version": 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "running": [run_loss, run_correct, run_count, run_samples],
+                    "rng": _rng_state(gens),
+                    "config": model_config,
+                },
+                ckpt_path,
+            )
+        except OSError as exc:
+            kept = f"the checkpoint of step {last_ckpt} is intact" if last_ckpt else "no checkpoint was written before"
+            return RunWriteError(f"cannot write the checkpoint {ckpt_path}: {_os_error(exc)}; {kept}")
+        return None
+
+    def write_failure() -> RunWriteError | None:
+        if recorder.error is not None:
+            return RunWriteError(f"cannot write the metrics {recorder.path}: {_os_error(recorder.error)}")
+        return None
+
+    def stop_if_asked(done: int, wrote: bool, failure: RunWriteError | None) -> None:
+        """At a step boundary: every rank learns whether a stop signal reached any rank and whether rank 0 failed
+        to write (``failure``: this step's checkpoint); all stop together, after the checkpoint of this step."""
+        nonlocal last_ckpt
+        failure = failure or write_failure()
+        signum, failed = _agree(ctx, [float(stop.signum or 0), float(failure is not None)])
+        if failed:
+            raise failure or RunWriteError(f"rank 0 could not write to {out}: see its message")
+        if wrote and ckpt_path is not None:
+            last_ckpt = done
+        if not signum or done >= cfg.steps:
             return
-        save_checkpoint(
-            {
-                "format": FORMAT,
-                "version": 1,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": step,
-                "rng": _rng_state(gens),
-                "config": model_config,
-            },
-            ckpt_path,
-        )
+        if not wrote:
+            failure = checkpoint(done)
+            if _agree(ctx, [float(failure is not None)])[0]:
+                raise failure or RunWriteError(f"rank 0 could not write the checkpoint in {out}: see its message")
+        recorder.sync()
+        name = signal.Signals(int(signum)).name
+        raise TrainingInterrupted(name, done, cfg.steps, out, ckpt_path)
 
     sampler = EpochSampler(len(train_ds), cfg.seed)
     B, b = cfg.batch_size, cfg.micro_batch_size
     local = ctx.local_slice(B)
     n_mixed = cfg.groups if cfg.mixing == "device" else B
     final: dict[str, float] = {}
-    run_loss = run_correct = run_count = run_samples = 0.0
+    run_loss, run_correct, run_count, run_samples = running
     bar = None
     if cfg.progress and ctx.is_main:
         from tqdm.auto import tqdm
@@ -569,90 +698,93 @@ def _train(
         recorder.write({"kind": "trace", "step": 0, **tracer(model, 0)})
 
     model.train()
-    for step in range(start_step, cfg.steps):
-        indices = sampler.batch(step, B)
-        pi = noise_mod.sample_weights(cfg.noise, n_mixed, cfg.kappa, gens["mixing"], dtype=torch.float64)
-        gamma_t = noise_mod.gamma(pi)
-        weights = expand_group_weights(pi, B) if cfg.mixing == "device" else pi
-        aug_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gens["augment"])))
-        optimizer.zero_grad(set_to_none=True)
-        positions = torch.arange(B)[local]
-        if use_hook:
-            # the hook scales the mean local gradient by K·π_k; the local loss is a plain mean
-            hook_state.scale = float(cfg.groups * pi[ctx.rank])
-            weights = torch.full((B,), ctx.world_size / B, dtype=torch.float64)
-        loss_scale = ctx.world_size if not use_hook else 1.0
-        loss_sum = mixed_sum = correct_sum = count_sum = 0.0
-        chunks = positions.split(b)
-        for i, (chunk, (x, y)) in enumerate(zip(chunks, micro_batches(train_ds, indices, chunks, aug_gen))):
-            x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
-            y = y.to(device)
-            sync = nullcontext() if (i == len(chunks) - 1 or not ctx.enabled) else net.no_sync()
-            with sync:
-                losses, correct = per_sample_losses(net, train_ds, x, y, cfg.label_smoothing)
-                w = weights[chunk].to(device=device, dtype=losses.dtype)
-                mixed = (w * losses).sum()
-                (mixed * loss_scale).backward()
-            loss_sum += float(losses.detach().sum())
-            mixed_sum += float(mixed.detach())
-            correct_sum += float(correct)
-            count_sum += float(train_ds.count(y)) if hasattr(train_ds, "count") else len(chunk)
-        loss_sum, mixed_sum, correct_sum, count_sum = ctx.all_reduce_sum([loss_sum, mixed_sum, correct_sum, count_sum])
-        if use_hook:
-            mixed_sum = float("nan")  # the mixing happens in the hook; the per-rank mixed loss is not formed
-        mean_loss = loss_sum / B
-        if not math.isfinite(mean_loss) or (use_hook is False and not math.isfinite(mixed_sum)):
-            kept = f"the checkpoint of step {last_ckpt} in {ckpt_path} is kept" if last_ckpt else "no checkpoint yet"
-            raise TrainingDiverged(f"non-finite loss ({mean_loss}) at step {step + 1}; {kept}")
-        grad_norm = float(
-            torch.linalg.vector_norm(
-                torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None])
+    try:
+        for step in range(start_step, cfg.steps):
+            indices = sampler.batch(step, B)
+            pi = noise_mod.sample_weights(cfg.noise, n_mixed, cfg.kappa, gens["mixing"], dtype=torch.float64)
+            gamma_t = noise_mod.gamma(pi)
+            weights = expand_group_weights(pi, B) if cfg.mixing == "device" else pi
+            aug_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gens["augment"])))
+            optimizer.zero_grad(set_to_none=True)
+            positions = torch.arange(B)[local]
+            if use_hook:
+                # the hook scales the mean local gradient by K·π_k; the local loss is a plain mean
+                hook_state.scale = float(cfg.groups * pi[ctx.rank])
+                weights = torch.full((B,), ctx.world_size / B, dtype=torch.float64)
+            loss_scale = ctx.world_size if not use_hook else 1.0
+            loss_sum = mixed_sum = correct_sum = count_sum = 0.0
+            chunks = positions.split(b)
+            for i, (chunk, (x, y)) in enumerate(zip(chunks, micro_batches(train_ds, indices, chunks, aug_gen))):
+                x = x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+                y = y.to(device)
+                sync = nullcontext() if (i == len(chunks) - 1 or not ctx.enabled) else net.no_sync()
+                with sync:
+                    losses, correct = per_sample_losses(net, train_ds, x, y, cfg.label_smoothing)
+                    w = weights[chunk].to(device=device, dtype=losses.dtype)
+                    mixed = (w * losses).sum()
+                    (mixed * loss_scale).backward()
+                loss_sum += float(losses.detach().sum())
+                mixed_sum += float(mixed.detach())
+                correct_sum += float(correct)
+                count_sum += float(train_ds.count(y)) if hasattr(train_ds, "count") else len(chunk)
+            sums = ctx.all_reduce_sum([loss_sum, mixed_sum, correct_sum, count_sum])
+            loss_sum, mixed_sum, correct_sum, count_sum = sums
+            if use_hook:
+                mixed_sum = float("nan")  # the mixing happens in the hook; the per-rank mixed loss is not formed
+            mean_loss = loss_sum / B
+            if not math.isfinite(mean_loss) or (use_hook is False and not math.isfinite(mixed_sum)):
+                kept = "no checkpoint yet"
+                if last_ckpt:
+                    kept = f"the checkpoint of step {last_ckpt} in {ckpt_path} is kept"
+                raise TrainingDiverged(f"non-finite loss ({mean_loss}) at step {step + 1}; {kept}")
+            grad_norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack([p.grad.detach().norm() for p in model.parameters() if p.grad is not None])
+                )
             )
-        )
-        lr_now = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        run_loss += loss_sum
-        run_correct += correct_sum
-        run_count += count_sum
-        run_samples += B
-        done = step + 1
-        record = {
-            "kind": "step",
-            "step": done,
-            "epoch": done * B / len(train_ds),
-            "loss": mean_loss,
-            "mixed_loss": mixed_sum,
-            "lr": lr_now,
-            "gamma": gamma_t,
-            "grad_norm": grad_norm,
-        }
-        recorder.write(record)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.3g}")
-        if done % cfg.eval_every == 0 or done == cfg.steps:
-            ev = evaluate(net.module if ctx.enabled else model, eval_ds, device=device, dtype=dtype, ctx=ctx)
-            final = {
-                "train_loss": run_loss / run_samples,
-                "train_acc": run_correct / run_count,
-                "test_loss": ev["loss"],
-                "test_acc": ev["acc"],
+            lr_now = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            run_loss += loss_sum
+            run_correct += correct_sum
+            run_count += count_sum
+            run_samples += B
+            done = step + 1
+            record = {
+                "kind": "step",
+                "step": done,
+                "epoch": done * B / len(train_ds),
+                "loss": mean_loss,
+                "mixed_loss": mixed_sum,
+                "lr": lr_now,
+                "gamma": gamma_t,
+                "grad_norm": grad_norm,
             }
-            recorder.write({"kind": "eval", "step": done, "epoch": done * B / len(train_ds), **final})
-            run_loss = run_correct = run_count = run_samples = 0.0
-            if callback is not None:
-                callback(done, final)
-        if tracer is not None and ctx.is_main and (done % cfg.trace_every == 0 or done == cfg.steps):
-            model.eval()
-            recorder.write({"kind": "trace", "step": done, **tracer(model, done)})
-            model.train()
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            checkpoint(done)
-            last_ckpt = done if ckpt_path is not None else 0
-            ctx.barrier()
-    if bar is not None:
-        bar.close()
+            recorder.write(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.3g}")
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                ev = evaluate(net.module if ctx.enabled else model, eval_ds, device=device, dtype=dtype, ctx=ctx)
+                final = {
+                    "train_loss": run_loss / run_samples,
+                    "train_acc": run_correct / run_count,
+                    "test_loss": ev["loss"],
+                    "test_acc": ev["acc"],
+                }
+                recorder.write({"kind": "eval", "step": done, "epoch": done * B / len(train_ds), **final})
+                run_loss = run_correct = run_count = run_samples = 0.0
+                if callback is not None:
+                    callback(done, final)
+            if tracer is not None and ctx.is_main and (done % cfg.trace_every == 0 or done == cfg.steps):
+                model.eval()
+                recorder.write({"kind": "trace", "step": done, **tracer(model, done)})
+                model.train()
+            wrote = done % cfg.checkpoint_every == 0 or done == cfg.steps
+            stop_if_asked(done, wrote, checkpoint(done) if wrote else None)
+    finally:  # a stop, a failure or a divergence closes the bar too
+        if bar is not None:
+            bar.close()
     if not final:  # resumed a run that had already finished
         ev = evaluate(model, eval_ds, device=device, dtype=dtype, ctx=ctx)
         final = {"test_loss": ev["loss"], "test_acc": ev["acc"]}
