@@ -87,7 +87,7 @@ class HandGPT(nn.Module):
         self.head = nn.Linear(d, vocab, bias=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
         return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(pos))))
 
 
@@ -155,6 +155,7 @@ def make_pass(name: str, method: str, batch: int):
     elif method == "opacus":
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
+        model.train()  # Opacus records activations in train mode only (every model here has dropout 0)
         gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", strict=False,
                                                    use_ghost_clipping=True)  # fmt: skip
 

@@ -374,3 +374,46 @@ def test_embedding_padding_rows_get_no_gradient() -> None:
         (grad,) = torch.autograd.grad((model(ids[i : i + 1]) * v[i : i + 1]).sum(), [model.embed.weight])
         assert float(got[i]) == pytest.approx(float(grad.square().sum()), rel=1e-12, abs=1e-300)
     assert float(got[0]) == 0.0 and math.isfinite(float(got[2]))
+
+
+class HandAttentionLM(nn.Module):
+    """A one-block LM with hand-written attention (Linear q/k/v): the layout Opacus' ghost clipping takes."""
+
+    def __init__(self, vocab: int = 20, d: int = 8) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(6, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj, self.fc = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 2 * d)
+        self.head = nn.Linear(2 * d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n, t = ids.shape
+        h = self.tok(ids) + self.pos(torch.arange(t).repeat(n, 1))
+        q, k, v = self.qkv(self.ln1(h)).view(n, t, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, t, -1)
+        h = h + self.proj(a)
+        return self.head(torch.tanh(self.fc(self.ln2(h))))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_total_norms_match_opacus_ghost_clipping() -> None:
+    """Opacus' per-sample gradient norms (GradSampleModuleFastGradientClipping, sum reduction) == ours."""
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.random.manual_seed(0)
+        model = HandAttentionLM().double()
+    finally:
+        torch.random.set_rng_state(state)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (3, 6), generator=g)
+    psn = PerSampleNorms(model, dict(model.named_parameters()))
+    out = psn.forward(ids)
+    assert "fallback" not in psn.routes.values()
+    v = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    ours = torch.stack(list(psn.norms(v).values())).sum(0).sqrt()
+    model.train()  # Opacus records activations in train mode only (no dropout here)
+    gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", strict=False)
+    (gsm(ids) * v).sum().backward()
+    torch.testing.assert_close(ours, gsm.get_norm_sample(), rtol=1e-12, atol=0)
