@@ -149,7 +149,8 @@ def rescaled(model: nn.Module, x: torch.Tensor, names: list[str], c: float) -> n
         def hook(m, a):
             i = calls[name] = calls.get(name, -1) + 1
             base = inputs[name][i]
-            if torch.allclose(a[0], c * base, rtol=1e-12, atol=0) and not torch.allclose(a[0], base, rtol=1e-12):
+            tol = 1e-12 * float(base.abs().max())
+            if torch.allclose(a[0], c * base, rtol=1e-12, atol=c * tol) and not torch.allclose(a[0], base, atol=tol):
                 m.eps *= c**2
                 if getattr(m, "running_var", None) is not None:
                     m.running_mean.mul_(c)
@@ -217,3 +218,60 @@ def test_post_norm_transformer_block_has_no_scale_invariant_weight():
         assert float((scaled(x) - model(x)).abs().max()) > 1e-6
     with pytest.raises(GmixError, match="no parameters feeding a normalisation layer"):
         scale_invariant_sharpness(model, (x, y))
+
+
+def _torchvision(name: str) -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformer, SwinTransformerBlockV2
+
+    torch.manual_seed(0)
+    swin = {"patch_size": [4, 4], "embed_dim": 8, "depths": [1, 1], "num_heads": [1, 1], "window_size": [2, 2],
+            "num_classes": 3}
+    model = {
+        "vit": lambda: torchvision.models.VisionTransformer(16, 8, 2, 2, 8, 8, num_classes=3),
+        "swin": lambda: SwinTransformer(**swin),
+        "swin_v2": lambda: SwinTransformer(**swin, block=SwinTransformerBlockV2, downsample_layer=PatchMergingV2),
+        "convnext": lambda: ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], layer_scale=0.5,
+                                     num_classes=3),
+        "mobilenet_v3": lambda: MobileNetV3([InvertedResidualConfig(8, 3, 8, 8, True, "RE", 2, 1, 1.0),
+                                             InvertedResidualConfig(8, 3, 16, 8, True, "HS", 1, 1, 1.0)],
+                                            last_channel=16, num_classes=3),
+    }[name]()
+    for m in model.modules():  # non-trivial running statistics
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return model.double().eval(), torch.randn(4, 3, 16, 16, dtype=torch.float64)
+
+
+TORCHVISION_GROUPS = {
+    # ViT: the residual stream's writers (patch embedding, class token, position embedding, attention output
+    # projections, second MLP layers) jointly; every block reads the stream through a LayerNorm
+    "vit": [["class_token", "conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding",
+             "encoder.layers.encoder_layer_0.self_attention.out_proj.weight",
+             "encoder.layers.encoder_layer_0.self_attention.out_proj.bias",
+             "encoder.layers.encoder_layer_0.mlp.3.weight", "encoder.layers.encoder_layer_0.mlp.3.bias",
+             "encoder.layers.encoder_layer_1.self_attention.out_proj.weight",
+             "encoder.layers.encoder_layer_1.self_attention.out_proj.bias",
+             "encoder.layers.encoder_layer_1.mlp.3.weight", "encoder.layers.encoder_layer_1.mlp.3.bias"]],
+    # ConvNeXt: the stem and each block's depthwise convolution (through a permute) feed a LayerNorm
+    "convnext": [["features.0.0.weight", "features.0.0.bias"], ["features.1.0.block.0.weight",
+                 "features.1.0.block.0.bias"], ["features.3.0.block.0.weight", "features.3.0.block.0.bias"]],
+}
+
+
+@pytest.mark.parametrize("name", ["vit", "swin", "swin_v2", "convnext", "mobilenet_v3"])
+def test_torchvision_groups_are_scale_invariant(name):
+    """Every group found in torchvision's transformers and convnets, rescaled by c (eps and BatchNorm statistics
+    adjusted where the norm's input scales), leaves the output unchanged."""
+    model, x = _torchvision(name)
+    groups = scale_invariant_groups(model, x)
+    assert groups
+    if name in TORCHVISION_GROUPS:
+        assert sorted(map(sorted, groups.values())) == sorted(map(sorted, TORCHVISION_GROUPS[name]))
+    with torch.no_grad():
+        base = model(x)
+        for names in groups.values():
+            torch.testing.assert_close(rescaled(model, x, names, ALPHA)(x), base, rtol=1e-10, atol=1e-12)
