@@ -14,6 +14,7 @@ module alone. The registry follows Opacus' ``opacus/grad_sample/`` (one small ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -44,6 +45,18 @@ class Record:
     @property
     def g(self) -> torch.Tensor | None:
         return self.grads[0] if self.grads else None
+
+    def keep(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make()`` once per forward pass: kept in ``cache`` for the next backward passes while the shared
+        element budget (``options["budget"]``, CACHE_BUDGET per forward pass) allows."""
+        if key in self.cache:
+            return self.cache[key]
+        value = make()
+        budget = self.options.get("budget")
+        if budget is not None and budget[0] >= value.numel():
+            self.cache[key] = value
+            budget[0] -= value.numel()
+        return value
 
 
 @dataclass

@@ -119,7 +119,7 @@ class MultiheadAttentionRule(LayerRule):
     def norms(self, rec: Record) -> dict[str, torch.Tensor]:
         m = rec.module
         t = self._backward(rec)
-        blocks = [weight_norms(t[x], t["g" + x]) for x in "qkv"]
+        blocks = [weight_norms(t[x], t["g" + x], rec, x) for x in "qkv"]
         out = {}
         if m._qkv_same_embed_dim:
             out["in_proj_weight"] = blocks[0] + blocks[1] + blocks[2]
@@ -127,7 +127,7 @@ class MultiheadAttentionRule(LayerRule):
             out.update({f"{x}_proj_weight": b for x, b in zip("qkv", blocks)})
         if m.in_proj_bias is not None:
             out["in_proj_bias"] = sum(t["g" + x].sum(1).square().sum(1) for x in "qkv")
-        out["out_proj.weight"] = weight_norms(t["c"], t["g"])
+        out["out_proj.weight"] = weight_norms(t["c"], t["g"], rec, "c")
         if m.out_proj.bias is not None:
             out["out_proj.bias"] = t["g"].sum(1).square().sum(1)
         return out

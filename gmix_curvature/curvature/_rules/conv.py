@@ -86,7 +86,7 @@ class ConvRule(LayerRule):
                 gg = torch.einsum("ngol,ngom->nglm", gc, gc)
                 parts.append((u * gg).sum((1, 2, 3)))
             else:
-                parts.append(torch.einsum("ngil,ngol->ngio", u, gc).square().sum((1, 2, 3)))
+                parts.append(torch.linalg.vector_norm(torch.einsum("ngil,ngol->ngio", u, gc), dim=(1, 2, 3)).square())
         out = {"weight": torch.cat(parts)}
         if m.bias is not None:
             out["bias"] = g.sum(-1).square().sum((1, 2))

@@ -36,10 +36,13 @@ class EmbeddingRule(LayerRule):
         ids, g = _ids_grads(rec)
         n, t = ids.shape
         vocab = rec.module.num_embeddings
-        key = ids + vocab * torch.arange(n, device=ids.device).unsqueeze(1)  # (sample, token) pairs
-        uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
-        sums = g.new_zeros(uniq.shape[0], g.shape[-1]).index_add_(0, inv, g.reshape(n * t, -1))
-        out = g.new_zeros(n).index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), sums.square().sum(1))
+        if "pairs" not in rec.cache:  # the distinct (sample, token) pairs of this forward pass
+            key = ids + vocab * torch.arange(n, device=ids.device).unsqueeze(1)
+            uniq, inv = torch.unique(key.reshape(-1), return_inverse=True)
+            rec.cache["pairs"] = (torch.div(uniq, vocab, rounding_mode="floor"), inv)
+        sample, inv = rec.cache["pairs"]
+        sums = g.new_zeros(sample.shape[0], g.shape[-1]).index_add_(0, inv, g.reshape(n * t, -1))
+        out = g.new_zeros(n).index_add_(0, sample, sums.square().sum(1))
         return {"weight": out}
 
     def grads(self, rec: Record) -> dict[str, Factor]:

@@ -14,14 +14,17 @@ from torch import nn
 from gmix_curvature.curvature._rules import Factor, LayerRule, Record, register
 
 
-def weight_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """‖Σ_t g_t a_tᵀ‖² per sample for a (N, T, d_in), g (N, T, d_out): ghost or materialised by operation count."""
+def weight_norms(a: torch.Tensor, g: torch.Tensor, rec: Record | None = None, key: str = "a") -> torch.Tensor:
+    """‖Σ_t g_t a_tᵀ‖² per sample for a (N, T, d_in), g (N, T, d_out): ghost or materialised by operation count.
+    With ``rec``, the input's part (‖a‖², the Gram matrix a aᵀ) is kept for the next backward passes."""
     t, din, dout = a.shape[1], a.shape[2], g.shape[2]
+    keep = rec.keep if rec is not None else (lambda _, make: make())
     if t == 1:
-        return a.square().sum((1, 2)) * g.square().sum((1, 2))
+        return keep(f"sq_{key}", lambda: a.square().sum((1, 2))) * g.square().sum((1, 2))
     if t * t * (din + dout) < t * din * dout:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+        gram = keep(f"gram_{key}", lambda: torch.bmm(a, a.transpose(1, 2)))
+        return (gram * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.linalg.vector_norm(torch.bmm(g.transpose(1, 2), a), dim=(1, 2)).square()
 
 
 def _flat(rec: Record) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,7 +39,7 @@ class LinearRule(LayerRule):
 
     def norms(self, rec: Record) -> dict[str, torch.Tensor]:
         a, g = _flat(rec)
-        out = {"weight": weight_norms(a, g)}
+        out = {"weight": weight_norms(a, g, rec)}
         if rec.module.bias is not None:
             out["bias"] = g.sum(1).square().sum(1)
         return out

@@ -36,7 +36,7 @@ class LayerNormRule(LayerRule):
 
     def grads(self, rec: Record) -> dict[str, torch.Tensor]:
         m = rec.module
-        xhat = F.layer_norm(rec.a, m.normalized_shape, None, None, m.eps)
+        xhat = rec.keep("xhat", lambda: F.layer_norm(rec.a, m.normalized_shape, None, None, m.eps))
         return _affine(rec, xhat, rec.g, tuple(m.normalized_shape))
 
     def norms(self, rec: Record) -> dict[str, torch.Tensor]:
@@ -69,7 +69,7 @@ class RMSNormRule(LayerRule):
 
     def grads(self, rec: Record) -> dict[str, torch.Tensor]:
         m = rec.module
-        xhat = F.rms_norm(rec.a, m.normalized_shape, None, m.eps)
+        xhat = rec.keep("xhat", lambda: F.rms_norm(rec.a, m.normalized_shape, None, m.eps))
         return _affine(rec, xhat, rec.g, tuple(m.normalized_shape))
 
     def norms(self, rec: Record) -> dict[str, torch.Tensor]:
@@ -82,7 +82,7 @@ class GroupNormRule(LayerRule):
 
     def grads(self, rec: Record) -> dict[str, torch.Tensor]:
         m, n = rec.module, rec.n
-        xhat = F.group_norm(rec.a, m.num_groups, None, None, m.eps)
+        xhat = rec.keep("xhat", lambda: F.group_norm(rec.a, m.num_groups, None, None, m.eps))
         c = rec.a.shape[1]
         # channels second: move them last so that γ's dim is the trailing one
         xt = xhat.reshape(n, c, -1).transpose(1, 2)
