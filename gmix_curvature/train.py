@@ -638,6 +638,8 @@ def _run(
         if ckpt_path is None or not ctx.is_main:
             return None
         recorder.sync()
+        if recorder.error is not None:  # a checkpoint must not run ahead of its metrics
+            return write_failure()
         try:
             save_checkpoint(
                 {
