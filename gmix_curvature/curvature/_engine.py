@@ -91,7 +91,8 @@ def check_probes(num_probes: int | None, target_rel_stderr: float | None, max_pr
 
 @dataclass
 class ProbeSums:
-    """Per-probe sums over samples of a stochastic estimate (total and per parameter)."""
+    """Per-probe sums over the counted predictions of a stochastic estimate (total and per parameter); a
+    probe's value is its sum / n."""
 
     names: list[str]
     totals: list[float] = field(default_factory=list)
@@ -115,7 +116,7 @@ class ProbeSums:
         return float(t.mean()), se
 
     def probe_values(self) -> list[float]:
-        """The estimate of each probe alone (its sum over samples / n)."""
+        """The estimate of each probe alone (its sum over predictions / n)."""
         return [t / self.n for t in self.totals]
 
     def rel_stderr(self) -> float:
