@@ -23,15 +23,21 @@ between positions included. Two backends:
   per-sample gradients of the uses. A module called on a batch of 1 inside a batch of N (a position
   embedding on (1, T) ids) is taken to broadcast over the batch: its output is expanded to N (embeddings
   only: any other module computing a batch of 1, e.g. Swin V2's position-bias MLP on a buffer, sends the
-  model to torch.func).
+  model to torch.func). The first forward pass watches every torch function (a ``TorchFunctionMode``) for
+  a parameter used outside the forward of the modules routed to own it: a module that calls ``F.linear`` on
+  its children's weights (torchvision's Swin attention) then goes whole to the fallback. Inputs of a
+  recorded layer changed in place after it ran are refused (autograd saves nothing to catch it, since the
+  parameters are frozen during the forward pass so that the backward passes form no weight gradients).
   ``routes`` says which path each module took.
 * ``"func"`` — ``torch.func.vmap(grad)`` over samples of the whole model: any model whose samples are
   independent (one sample at a time where the forward has data-dependent control flow that vmap refuses,
   as Hugging Face's attention-mask helpers). It is the reference of the tests.
 
 ``"auto"`` takes the hooks unless the model cannot use them (a sequence-first module, ``batch_first=False``;
-BatchNorm without running statistics; a parameter used outside the modules that own it, found on the first
-forward pass), then ``torch.func``.
+BatchNorm without running statistics; a parameter used by the top-level forward itself, outside every
+module owning it; a non-embedding module computing a batch of 1), then ``torch.func`` (``reason`` says why).
+Conventions of the hooks: every module sees the batch in dim 0; a tensor argument of a fallback module is
+taken as batched when its dim 0 is the batch size; modules are deterministic (eval mode, or dropout 0).
 """
 
 from __future__ import annotations
