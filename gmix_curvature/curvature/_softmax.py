@@ -51,9 +51,14 @@ class SoftmaxStats:
         su = sq * u
         rest = su.sum(1, keepdim=True) - su  # Σ_{c' ≠ c} √p_c' u_c'
         rows = torch.arange(u.shape[0], device=u.device)
-        top_rest = su.masked_fill(torch.nn.functional.one_hot(self.top, u.shape[1]).bool(), 0).sum(1)
+        top_rest = su.masked_fill(_top_mask(self.top, u), 0).sum(1)
         rest[rows, self.top] = top_rest
         return su * self.one_minus_p - self.p * rest
+
+
+def _top_mask(top: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A boolean (n, C) mask of each row's top class (one byte an entry, not one_hot's eight)."""
+    return torch.zeros(like.shape, dtype=torch.bool, device=like.device).scatter_(1, top.unsqueeze(1), True)
 
 
 def softmax_stats(logits: torch.Tensor) -> SoftmaxStats:
@@ -69,7 +74,7 @@ def softmax_stats(logits: torch.Tensor) -> SoftmaxStats:
     p = torch.exp(logp)
     top = logp.argmax(1)
     rows = torch.arange(n, device=logits.device)
-    onehot = torch.nn.functional.one_hot(top, num_classes).bool()
+    onehot = _top_mask(top, logp)
     others = logp.masked_fill(onehot, -torch.inf)
     log_rest = torch.logsumexp(others, dim=1)  # log Σ_{c ≠ top} p_c = log(1 - p_top)
     log1m_p = torch.log1p(-p.clamp(max=0.5))  # exact for every non-top class (p_c ≤ 1/2 there)
