@@ -58,6 +58,11 @@ class Batches:
         else:
             batches = src
         for batch in batches:
+            if isinstance(batch, Mapping):
+                raise GmixError(
+                    "each batch must be an (x, y) pair, got a mapping: pass (inputs, labels) with the labels aligned "
+                    "to the logits (a causal LM's shifted by one, ignore_index where nothing is predicted)"
+                )
             if not (isinstance(batch, tuple | list) and len(batch) >= 2):
                 raise GmixError(f"each batch must be an (x, y) pair, got {type(batch).__name__}")
             x, y = batch[0], batch[1]

@@ -171,3 +171,9 @@ def test_segmentation_masks_as_uint8_with_ignore_255():
     mask = y.masked_fill(y == -100, 255).to(torch.uint8)
     assert exact_ggn_trace(model, (x, mask), ignore_index=255).value == pytest.approx(want, rel=1e-12)
     assert hessian_trace(model, (x, mask), ignore_index=255, num_probes=2, generator=0).n_samples == 3
+
+
+def test_a_batch_dict_is_refused_with_the_alignment_hint():
+    model, x, y = materialise_seq(LM_DICT)
+    with pytest.raises(GmixError, match="got a mapping: pass \\(inputs, labels\\) with the labels aligned"):
+        exact_ggn_trace(model, [{**x, "labels": y}])
