@@ -32,6 +32,7 @@ class NormCase:
     routes: dict[str, str] = field(default_factory=dict)  # module name -> route it must take
     fallbacks: int = 0  # how many modules may take the module-local fallback
     output_fn: Callable[[Any], torch.Tensor] | None = None
+    trained: bool = False  # trained to predict the next token with confidence (mean top probability >= 0.9)
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -216,6 +217,7 @@ CASES = [
     NormCase("encoder_lm", CausalLM, lambda g: _ids(g, 4, 6, 13),
              {"embed": "rule:embedding", "pos": "rule:embedding", "layer.self_attn": MHA,
               "layer.linear1": LINEAR, "layer.norm1": "rule:layer_norm", "head": LINEAR}),
+    NormCase("encoder_lm_trained", CausalLM, lambda g: _ids(g, 4, 6, 13), {"layer.self_attn": MHA}, trained=True),
     NormCase("seq2seq_tied", _seq2seq, _seq2seq_batch,
              {"embed": "rule:embedding", "out": LINEAR, "encoder.layers.0.self_attn": MHA,
               "decoder.layers.0.multihead_attn": MHA, "decoder.layers.0.norm3": "rule:layer_norm"}),
@@ -257,13 +259,33 @@ def _materialise(case: NormCase) -> tuple[nn.Module, Any, torch.Tensor, dict]:
             if p.dim() <= 1 or "token" in name or "pos" in name:
                 p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
     x = case.batch(g)
+    if case.trained:
+        _train_next_token(model, x)
     params = dict(model.named_parameters())
     return model, x, g, params
+
+
+def _train_next_token(model: nn.Module, ids: torch.Tensor) -> None:
+    """Adam until the mean top probability of the next token (where there is one) reaches 0.9 (some contexts
+    are ambiguous in this batch: the same prefix, two next tokens)."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    target = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
+    keep = (ids != 0) & (target != 0)
+    for _ in range(500):
+        logits = model(ids)
+        if torch.softmax(logits[keep], -1).max(-1).values.mean() >= 0.9:
+            break
+        opt.zero_grad()
+        nn.functional.cross_entropy(logits[keep], target[keep]).backward()
+        opt.step()
+    assert torch.softmax(model(ids)[keep], -1).max(-1).values.mean() >= 0.9
+    model.zero_grad(set_to_none=True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_rules_match_whole_model_func(case: NormCase) -> None:
     model, x, g, params = _materialise(case)
+    model.eval()
     hooks = PerSampleNorms(model, params, "auto", output_fn=case.output_fn)
     out = hooks.forward(x)
     assert hooks.backend == "hooks", hooks.reason
