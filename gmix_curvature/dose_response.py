@@ -130,7 +130,9 @@ def dose_grid(
     return grids
 
 
-def train_and_measure(config: Any, *, resume: bool = False, datasets: tuple[Any, Any] | None = None) -> DoseRun:
+def train_and_measure(
+    config: Any, *, resume: bool = False, datasets: tuple[Any, Any] | None = None, trust: bool = False
+) -> DoseRun:
     """One cell of a dose-response sweep: train ``config`` (recording Tr(G) and the loss ``TRACE_POINTS`` times
     along training when its ``trace_every`` is 0), then measure the trained model in eval mode with
     :func:`gmix_curvature.table1.measure_run` — on the eval split (test accuracy, exact Tr(G), scale-invariant
@@ -153,7 +155,7 @@ def train_and_measure(config: Any, *, resume: bool = False, datasets: tuple[Any,
     if not config.trace_every:
         steps = int(resolve_config(config, len(train_ds)).steps)
         config = dataclasses.replace(config, trace_every=max(1, steps // TRACE_POINTS), trace_method="exact")
-    res = train(config, resume=resume, datasets=(train_ds, eval_ds))
+    res = train(config, resume=resume, datasets=(train_ds, eval_ds), trust=trust)
     m = measure_run(res.model, res.config, measure_data=eval_ds, train_data=train_ds, eigen_data=eval_ds,
                     hessian_probes=0, eigen=False, dtype=torch.float64)  # fmt: skip
     r = float(res.config.kappa_ratio or 0.0)

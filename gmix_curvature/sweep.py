@@ -359,6 +359,7 @@ class _Task:
     train_fn: Callable[..., Any] | str
     datasets: tuple[Any, Any] | None
     threads: int
+    trust: bool = False
 
 
 def _run_cell(task: _Task) -> tuple[str, dict[str, Any] | None]:
@@ -379,7 +380,8 @@ def _run_cell(task: _Task) -> tuple[str, dict[str, Any] | None]:
         row: dict[str, Any] = {"cell": cell.name, **cell.labels}
         with _torch_threads(task.threads):
             try:
-                res = _resolve(task.train_fn)(config, resume=resume, datasets=task.datasets)
+                trust = {"trust": True} if task.trust else {}  # a cell function need not know the keyword
+                res = _resolve(task.train_fn)(config, resume=resume, datasets=task.datasets, **trust)
             except TrainingDiverged as exc:  # a result, not a failure of the sweep: recorded, not rerun
                 row.update(steps=None, diverged=" ".join(str(exc).split()))
             else:
@@ -419,6 +421,7 @@ def run_sweep(
     jobs: int = 1,
     shard: tuple[int, int] | None = None,
     threads: int | None = None,
+    trust: bool = False,
 ) -> SweepResult:
     """Run every cell of a grid (of this ``shard``) that has not finished, in ``jobs`` processes, then
     gather ``results.csv`` (and ``figure.png``) from every finished cell on disk.
@@ -441,6 +444,8 @@ def run_sweep(
         shard: (i, n): run cells i, i+n, … only (:func:`shard_cells`); None: all.
         threads: torch intra-op threads of every cell (default: the preset's ``THREADS``, else
             :func:`default_threads`); recorded in each row.
+        trust: resume interrupted cells from checkpoints that need full unpickling (which runs code they name;
+            passed to ``train_fn`` as ``trust=True``); see :mod:`gmix_curvature.checkpoint`.
     """
     from gmix_curvature.train import TrainConfig
 
@@ -473,7 +478,7 @@ def run_sweep(
     manifest = {"preset": preset if isinstance(preset, str) else None, "report": report,
                 "cells": [c.name for c in cells]}  # fmt: skip
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    tasks = [_Task(c, cfg, train_fn, datasets, threads) for c, cfg in mine]
+    tasks = [_Task(c, cfg, train_fn, datasets, threads, trust) for c, cfg in mine]
     todo = [t for t in tasks if not (out / t.cell.name / RESULT).exists()]
     outcomes: dict[str, str] = {t.cell.name: "skipped" for t in tasks}
     if jobs == 1 or len(todo) <= 1:

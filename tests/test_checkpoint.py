@@ -97,12 +97,21 @@ def _train_dir(path):
     return run
 
 
+def _sweep_dir(path):
+    """A sweep's directory whose one cell (seed=0) was interrupted: the malicious file is its checkpoint."""
+    os.makedirs(path.parent / "sweep" / "seed=0")
+    os.replace(path, path.parent / "sweep" / "seed=0" / "checkpoint.pt")
+    return path.parent / "sweep"
+
+
 # every command that reads a checkpoint: (id, argv given the malicious file)
 COMMANDS = {
     "trace": lambda p: ["trace", str(p), "--data", "digits", "--model", "mlp", "--model-kwargs", json.dumps(MLP_KW),
                         "--input-shape", "1,8,8", "--samples", "8", "--method", "exact"],
     "train-resume": lambda p: ["train", "--resume", "--out", str(_train_dir(p)), "--steps", "2", "--no-progress"],
     "theory": lambda p: ["theory", "--checkpoint", str(p), "--model", "mlp", "--num-samples", "16"],
+    "sweep": lambda p: ["sweep", "digits", "--out", str(_sweep_dir(p)), "--axis", "seed=0", "--set", "steps=2",
+                        "--no-plot"],
 }  # fmt: skip
 
 
@@ -114,6 +123,17 @@ def test_every_command_refuses_with_exit_2(command, malicious, capsys):
     assert code == 2
     assert len(err.splitlines()) == 1 and "needs full unpickling" in err and "--trust-checkpoint" in err
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["train-resume", "sweep"])
+def test_the_opt_in_reaches_the_unpickler(command, tmp_path, capsys):
+    """With --trust-checkpoint the file is unpickled in full (the payload runs: that is what trusting means), then
+    refused as what it is, not a gmix training checkpoint."""
+    path, marker = tmp_path / "evil.pt", tmp_path / "PAYLOAD-RAN"
+    _dict_with_payload(path, marker)
+    assert main([*COMMANDS[command](path), "--trust-checkpoint"]) == 2
+    assert "is not a gmix training checkpoint" in capsys.readouterr().err
+    assert marker.exists()
 
 
 def test_junk_is_not_a_checkpoint_and_trust_does_not_change_that(tmp_path):

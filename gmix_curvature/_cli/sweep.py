@@ -69,6 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only rebuild DIR/results.csv (and the figure) from the finished cells on disk")
     p.add_argument("--dry-run", action="store_true", help="list the cells (of this shard) and their state; run nothing")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw figure.png")
+    p.add_argument("--trust-checkpoint", dest="trust", action="store_true",
+                   help="resume interrupted cells from checkpoints that need full unpickling, which runs code they "
+                   "name (only for files from a source you trust; gmix's own checkpoints never need it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = {k: _parse_value(v) for k, v in args.sets}
     result = run_sweep(
         args.preset, out=args.out, grid=grid, overrides=overrides, plot=args.plot, dry_run=args.dry_run,
-        jobs=args.jobs, shard=shard, threads=args.threads,
+        jobs=args.jobs, shard=shard, threads=args.threads, trust=args.trust,
     )
     if args.dry_run:
         for row in result.rows:
