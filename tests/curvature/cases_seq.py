@@ -179,6 +179,7 @@ def _double(x: Any) -> Any:
     return x.double() if x.dtype.is_floating_point else x
 
 
+@torch.no_grad()
 def _top_probability(model: nn.Module, x: Any, y: torch.Tensor) -> float:
     logits = model(**x) if isinstance(x, dict) else model(x)
     logits = logits["logits"] if isinstance(logits, dict) else logits
