@@ -99,9 +99,10 @@ def kernel_context() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def bn_mode_context(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+def bn_mode_context(model: nn.Module, bn_mode: str = "eval", *, route_kernels: bool = True) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the duration (dropout off, the model's modes restored on exit),
-    inside :func:`kernel_context`.
+    inside :func:`kernel_context` (``route_kernels=False``: the fused kernels stay, for code that needs first
+    derivatives only and would rather keep their speed; the one-line errors stay).
 
     ``bn_mode="eval"``: BatchNorm uses its running statistics, so per-sample terms are independent.
     ``bn_mode="train"``: BatchNorm normalises with the statistics of the batch (batch-coupled terms);
@@ -121,7 +122,7 @@ def bn_mode_context(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Modu
                 if isinstance(m, _BatchNorm):
                     saved[m] = (m.running_mean, m.running_var, m.num_batches_tracked)
                     m.running_mean = m.running_var = m.num_batches_tracked = None
-        with kernel_context():
+        with kernel_context() if route_kernels else contextlib.nullcontext():
             try:
                 yield model
             except (RuntimeError, NotImplementedError) as err:

@@ -48,6 +48,13 @@ def test_global_state_is_restored(fastpath, raises):
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
+def test_routing_can_be_left_out():
+    before = _global_state()
+    with bn_mode_context(nn.Linear(2, 2), route_kernels=False):
+        assert _global_state() == before
+        assert type(F.hardsigmoid(torch.zeros(1, requires_grad=True)).grad_fn).__name__ == "HardsigmoidBackward0"
+
+
 def test_hardsigmoid_is_routed_only_inside():
     """Inside, hardsigmoid is relu6(x + 3) / 6: the same values, the exact derivative 1/6 on (-3, 3) and 0 at and
     beyond the kinks ±3, as PyTorch's — whose float64 derivative is 1/6 rounded to single precision."""
