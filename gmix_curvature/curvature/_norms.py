@@ -30,8 +30,9 @@ between positions included. Two backends:
   parameters are frozen during the forward pass so that the backward passes form no weight gradients).
   ``routes`` says which path each module took.
 * ``"func"`` — ``torch.func.vmap(grad)`` over samples of the whole model: any model whose samples are
-  independent (one sample at a time where the forward has data-dependent control flow that vmap refuses,
-  as Hugging Face's attention-mask helpers). It is the reference of the tests.
+  independent (one sample at a time where vmap refuses the forward: data-dependent control flow as in
+  Hugging Face's attention-mask helpers, an operation without a batching rule as nn.LSTM). It is the
+  reference of the tests. The module-local fallback likewise loops over samples where vmap refuses.
 
 ``"auto"`` takes the hooks unless the model cannot use them (a sequence-first module, ``batch_first=False``;
 BatchNorm without running statistics; a parameter used by the top-level forward itself, outside every
@@ -511,9 +512,7 @@ class PerSampleNorms:
 
         try:
             per_sample = vmap(grad(surrogate), in_dims=(None, 0, 0), chunk_size=64)(detached, batched, v)
-        except RuntimeError as exc:  # data-dependent control flow (Hugging Face's mask helpers): one sample at a time
-            if "vmap" not in str(exc):
-                raise
+        except RuntimeError:  # no batching rule (LSTM), data-dependent control flow (Hugging Face's mask helpers)
             rows = [grad(surrogate)(detached, tree_map(lambda t, i=i: t[i], batched), v[i]) for i in range(v.shape[0])]
             per_sample = {k: torch.stack([r[k] for r in rows]) for k in names}
         return {k: per_sample[k].reshape(v.shape[0], -1).square().sum(1) for k in names}

@@ -367,6 +367,33 @@ def test_input_modified_in_place_is_refused() -> None:
         psn.norms(torch.ones_like(out))
 
 
+class RecurrentLM(nn.Module):
+    """nn.LSTM returns its states (layers, N, H) beside the outputs: the model takes torch.func, which vmap
+    refuses (no batching rule), so the func backend goes one sample at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.rnn, self.head = nn.Embedding(7, 4), nn.LSTM(4, 5, batch_first=True), nn.Linear(5, 7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+def test_recurrent_model_takes_func_one_sample_at_a_time() -> None:
+    model = RecurrentLM().double()
+    params = dict(model.named_parameters())
+    ids = torch.randint(0, 7, (3, 5), generator=torch.Generator().manual_seed(0))
+    psn = PerSampleNorms(model, params)
+    out = psn.forward(ids)
+    assert psn.backend == "func" and "computes a batch of 1" in psn.reason
+    v = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    got = psn.norms(v)
+    for i in range(3):
+        grads = torch.autograd.grad((model(ids[i : i + 1]) * v[i : i + 1]).sum(), list(params.values()))
+        for name, grad in zip(params, grads):
+            assert float(got[name][i]) == pytest.approx(float(grad.square().sum()), rel=1e-10)
+
+
 def test_sequence_first_model_takes_func() -> None:
     model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # batch_first=False
     params = dict(model.named_parameters())

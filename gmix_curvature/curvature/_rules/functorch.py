@@ -41,7 +41,14 @@ def fallback_grads(rec: Record, names: list[str]) -> dict[str, torch.Tensor]:
 
     size = max(1, sum(p.numel() for p in params.values()))
     chunk = max(1, min(n, BUDGET // size))
-    return vmap(grad(surrogate), in_dims=(None, in_dims, 0), chunk_size=chunk)(params, flat, gs)
+    try:
+        return vmap(grad(surrogate), in_dims=(None, in_dims, 0), chunk_size=chunk)(params, flat, gs)
+    except RuntimeError:  # no batching rule for an operation of the module, or data-dependent control flow
+        rows = []
+        for i in range(n):
+            leaves = [t[i] if d == 0 else t for t, d in zip(flat, in_dims)]
+            rows.append(grad(surrogate)(params, leaves, [gj[i] for gj in gs]))
+        return {k: torch.stack([r[k] for r in rows]) for k in params}
 
 
 def fallback_norms(rec: Record, names: list[str]) -> dict[str, torch.Tensor]:
