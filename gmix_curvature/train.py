@@ -18,6 +18,14 @@ JSON lines in ``OUT/metrics.jsonl``. ``OUT/checkpoint.pt`` holds the model, opti
 every generator's state and the resolved configuration (``OUT/config.json`` too); it is written
 atomically, and ``resume=True`` continues bit for bit. A non-finite loss raises
 :class:`~gmix_curvature.errors.TrainingDiverged` and leaves the last good checkpoint in place.
+
+Preemption (:mod:`gmix_curvature.preemption`): SIGTERM, SIGINT and SIGUSR1 during :func:`train` finish the current
+step, write its checkpoint and raise :class:`~gmix_curvature.errors.TrainingInterrupted`; under torchrun the ranks
+agree on the step (a MAX all-reduce of the stop flag after every step), rank 0 writes. The checkpoint also holds
+the training statistics since the last evaluation, so a run stopped between evaluations resumes exactly. One
+writer (:mod:`gmix_curvature.lock`): rank 0 holds ``OUT/.lock`` for the whole run. A failed checkpoint or metrics
+write raises :class:`~gmix_curvature.errors.RunWriteError` on every rank at the same step, the previous checkpoint
+intact; a checkpoint is never written past metrics that could not be.
 """
 
 from __future__ import annotations
