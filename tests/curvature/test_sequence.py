@@ -283,3 +283,16 @@ def test_saturated_sequences_in_float32():
     assert exact_ggn_trace(model, (x, y)).value == pytest.approx(exact64, rel=1e-4)
     r = ggn_trace(model, (x, y), "fisher_is", num_probes=32, generator=2)
     assert r.stderr > 0 and abs(r.value - exact64) < Z * r.stderr
+
+
+def test_mapping_inputs_and_dict_outputs_through_the_products():
+    """model(**{"input_ids", "attention_mask"}) -> {"logits"} (the Hugging Face calling convention) gives the
+    tensor-called LM's values in the parameter-space methods too (right padding: the mask changes nothing
+    that is counted)."""
+    plain, x, y = materialise_seq(SEQ_CASES[0])
+    hf, xd, yd = materialise_seq(SEQ_CASES[1])
+    assert torch.equal(xd["input_ids"], x) and torch.equal(yd, y)
+    for fn, kw in ((ggn_trace, {"method": "hutchinson", "num_probes": 4, "generator": 0}),
+                   (hessian_trace, {"num_probes": 4, "generator": 0}), (top_eigenvalues, {"k": 1, "tol": 1e-10})):
+        a, b = fn(plain, (x, y), **kw), fn(hf, (xd, yd), **kw)
+        assert b.value == pytest.approx(a.value, rel=1e-9), fn.__name__
