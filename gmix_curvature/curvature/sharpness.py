@@ -135,7 +135,7 @@ class _Tracer(TorchFunctionMode):
         carriers = [s.carrier for s in states if s.carrier is not None]
         if func is F.embedding and (args[3] if len(args) > 3 else kwargs.get("max_norm")) is not None:
             return _State(None, taint | frozenset(carriers))  # renormalised rows: not homogeneous
-        if func in _LAYERS or func is F.multi_head_attention_forward:
+        if func in _LAYERS or func is F.multi_head_attention_forward or func is torch.addmm:
             return self._layer(func, args, kwargs)
         if name in _STRUCTURAL and len(carriers) <= 1 and all(s.carrier is None for s in states[1:]):
             return self._clean_of(states[0].carrier, taint)
@@ -163,6 +163,8 @@ class _Tracer(TorchFunctionMode):
             bound = _MHA_PARAMS.bind(*args, **kwargs).arguments
             weight, bias = bound.get("out_proj_weight"), bound.get("out_proj_bias")
             inputs = [v for k, v in bound.items() if k not in ("out_proj_weight", "out_proj_bias")]
+        elif func is torch.addmm:  # bias + x @ weight (Hugging Face's Conv1D in GPT-2)
+            bias, inputs, weight = args[0], [args[1]], args[2]
         else:
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = (args[2] if len(args) > 2 else kwargs.get("bias")) if func is not F.embedding else None
@@ -275,7 +277,8 @@ def scale_invariant_sharpness(
     with bn_mode_context(model, bn_mode):
         groups = scale_invariant_groups(model, slice_input(first[1], 0, 2))
     if not groups:
-        raise GmixError("the model has no parameters feeding a normalisation layer: no scale-invariant groups")
+        raise GmixError("the model has no parameters feeding a normalisation layer alone (scaled by the same factor "
+                        "and reaching the output by no other path): no scale-invariant groups")
     trace = ggn_trace(model, data, method, bn_mode=bn_mode, batch_size=batch_size, **kwargs)
     params = dict(model.named_parameters())
     value, var, rows = 0.0, 0.0, {}

@@ -14,6 +14,7 @@ from conftest import FRESH, TRAINED, materialise
 from torch import nn
 
 from gmix_curvature.curvature import ggn_trace, scale_invariant_groups, scale_invariant_sharpness
+from gmix_curvature.curvature._outputs import call_model
 from gmix_curvature.curvature.sharpness import NORM_LAYERS
 from gmix_curvature.errors import GmixError
 from gmix_curvature.models import CifarResNet18
@@ -135,7 +136,7 @@ def rescaled(model: nn.Module, x: torch.Tensor, names: list[str], c: float) -> n
     norms = [(n, m) for n, m in model.named_modules() if isinstance(m, NORM_LAYERS)]
     handles = [m.register_forward_pre_hook(record(n)) for n, m in norms]
     with torch.no_grad():
-        model(x)
+        call_model(model, x)
     for h in handles:
         h.remove()
     out = copy.deepcopy(model)
@@ -159,7 +160,7 @@ def rescaled(model: nn.Module, x: torch.Tensor, names: list[str], c: float) -> n
 
     handles = [m.register_forward_pre_hook(adjust(n)) for n, m in out.named_modules() if isinstance(m, NORM_LAYERS)]
     with torch.no_grad():
-        out(x)  # the hooks adjust eps on the way
+        call_model(out, x)  # the hooks adjust eps on the way
     for h in handles:
         h.remove()
     return out
@@ -275,3 +276,31 @@ def test_torchvision_groups_are_scale_invariant(name):
         base = model(x)
         for names in groups.values():
             torch.testing.assert_close(rescaled(model, x, names, ALPHA)(x), base, rtol=1e-10, atol=1e-12)
+
+
+def _gpt2(tied: bool) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, tie_word_embeddings=tied,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).double().eval()
+
+
+def test_hugging_face_gpt2_residual_stream():
+    """GPT-2 (pre-norm; its Conv1D layers are addmm calls): with untied embeddings the residual stream's
+    writers form one group, verified by rescaling; tied to the output layer, the embedding scales the logits,
+    so nothing is invariant."""
+    x = {"input_ids": torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(0))}
+    model = _gpt2(tied=False)
+    groups = scale_invariant_groups(model, x)
+    assert list(groups.values()) == [["transformer.wte.weight", "transformer.wpe.weight"] + [
+        f"transformer.h.{i}.{part}.c_proj.{p}" for i in range(2) for part in ("attn", "mlp") for p in ("weight", "bias")
+    ]]
+    with torch.no_grad():
+        scaled = rescaled(model, x, next(iter(groups.values())), ALPHA)
+        torch.testing.assert_close(scaled(**x).logits, model(**x).logits, rtol=1e-10, atol=1e-12)
+    tied = _gpt2(tied=True)
+    assert scale_invariant_groups(tied, x) == {}
+    with pytest.raises(GmixError, match="no scale-invariant groups"):
+        scale_invariant_sharpness(tied, (x, torch.zeros(3, 5, dtype=torch.int64)))
