@@ -466,3 +466,23 @@ def test_total_norms_match_opacus_ghost_clipping() -> None:
     gsm = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum", strict=False)
     (gsm(ids) * v).sum().backward()
     torch.testing.assert_close(ours, gsm.get_norm_sample(), rtol=1e-12, atol=0)
+
+
+def test_vit_tokens_through_the_module_local_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the registered batch expansion, the class token (owned by the model itself) and the position
+    embedding (owned by the encoder) go through the fallback on their modules, with only those parameters
+    substituted, and still equal the whole-model path."""
+    import gmix_curvature.curvature._norms as norms
+
+    monkeypatch.setattr(norms, "BROADCAST_PARAMS", set())
+    model, x, g, params = _materialise(next(c for c in CASES if c.name == "vit"))
+    psn = PerSampleNorms(model, params)
+    out = psn.forward(x)
+    assert psn.routes[""] == psn.routes["encoder"] == "fallback"
+    assert psn.routes["conv_proj"] == "rule:conv"
+    v = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    ref = PerSampleNorms(model, params, "func")
+    ref.forward(x)
+    got, want = psn.norms(v), ref.norms(v)
+    for name in ("class_token", "encoder.pos_embedding", "conv_proj.weight"):
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0)
