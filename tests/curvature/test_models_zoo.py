@@ -37,7 +37,8 @@ from gmix_curvature.curvature import (
     top_eigenvalues,
 )
 from gmix_curvature.curvature._model import bn_mode_context
-from gmix_curvature.curvature.reference import dense_jacobian
+from gmix_curvature.curvature.reference import dense_ggn, dense_hessian, dense_jacobian
+from gmix_curvature.transformer import TransformerSeq2Seq
 
 Z = 4.0  # standard errors allowed between a stochastic estimate and the exact value
 REL = 1e-8  # exact methods against the Jacobian reference (float64)
@@ -250,3 +251,46 @@ def test_top_ggn_eigenvalue(case):
     ref = reference(case.name)
     r = top_eigenvalues(ref.model, (ref.x, ref.y), k=1, tol=1e-10)
     assert r.value == pytest.approx(ref.top_eigenvalue, rel=1e-7)
+
+
+# the Fig. 3 Transformer (sequence outputs, padding, tied weights, fused encoder/decoder layers) -------------------
+
+
+@functools.cache
+def _fig3() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The toy-size Fig. 3 Transformer in eval mode, a padded batch, and the dense G and Hessian (H2's references,
+    the mean over counted tokens)."""
+    torch.manual_seed(0)
+    model = TransformerSeq2Seq(7, max_len=4, d_model=4, nhead=2, num_layers=1, dim_feedforward=8).double().eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(1, 7, (4, 2, 4), generator=g), torch.randint(1, 7, (4, 4), generator=g)
+    x[0, :, 3], y[0, 3] = 0, -100  # one padded position
+    return model, x, y, dense_ggn(model, x, y), dense_hessian(model, x, y)
+
+
+SEQUENCE_METHODS = {
+    "exact": lambda m, d: ggn_trace(m, d, "exact"),
+    "auto": lambda m, d: ggn_trace(m, d, "auto"),
+    **{k: functools.partial(lambda k, m, d: ggn_trace(m, d, k, num_probes=PROBES, generator=3), k)
+       for k in ("fisher_is", "output_hutchinson", "hutchinson")},
+    "hessian_trace": lambda m, d: hessian_trace(m, d, num_probes=PROBES, generator=4),
+    "top_eigenvalue": lambda m, d: top_eigenvalues(m, d, k=1, tol=1e-10),
+    "top_hessian_eigenvalue": lambda m, d: top_eigenvalues(m, d, k=1, matrix="hessian", tol=1e-10),
+}
+
+
+@pytest.mark.parametrize("method", list(SEQUENCE_METHODS))
+def test_fig3_transformer(method):
+    """Every method on the Fig. 3 Transformer (nn.Transformer's fused layers in eval mode) against the dense G and
+    Hessian: exact values to 1e-8 (eigenvalues 1e-7), stochastic ones within Z standard errors."""
+    model, x, y, ggn, hess = _fig3()
+    r = SEQUENCE_METHODS[method](model, (x, y))
+    if method == "top_eigenvalue":
+        assert r.value == pytest.approx(float(torch.linalg.eigvalsh(ggn)[-1]), rel=1e-7)
+    elif method == "top_hessian_eigenvalue":
+        assert r.value == pytest.approx(float(torch.linalg.eigvalsh(hess)[-1]), rel=1e-7)
+    elif r.stderr is None:
+        assert r.value == pytest.approx(float(ggn.trace()), rel=REL)
+    else:
+        want = float((hess if method == "hessian_trace" else ggn).trace())
+        assert abs(r.value - want) < Z * r.stderr
