@@ -201,8 +201,22 @@ class _OpRecorder(TorchDispatchMode):
             h.remove()
 
 
+# Modules whose fused paths run these operations: the layer named when recording the operations does not find
+# it (a dispatch mode makes nn.TransformerEncoderLayer leave its fast path, for one).
+_FUSED_BY = {"_transformer_encoder_layer_fwd": nn.TransformerEncoderLayer,
+             "_native_multi_head_attention": nn.MultiheadAttention}
+
+
 def _layer_running(model: nn.Module, op: str, seen: _FirstInput) -> str | None:
     """The (innermost) module whose forward pass runs ``op`` on the model's first input, or None."""
+    found = _layer_recorded(model, op, seen)
+    if found is None and op in _FUSED_BY:
+        name = next((n for n, m in model.named_modules() if isinstance(m, _FUSED_BY[op])), None)
+        found = None if name is None else f"{name or '(the model)'!r} ({type(model.get_submodule(name)).__name__})"
+    return found
+
+
+def _layer_recorded(model: nn.Module, op: str, seen: _FirstInput) -> str | None:
     if seen.args is None:
         return None
     candidates = {op, re.sub(r"_backward$", "", op), re.sub(r"_(backward|forward)$", "", op)}

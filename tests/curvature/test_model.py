@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from cases_kernels import build
 from torch import nn
+from torch.func import functional_call, jvp
 
 from gmix_curvature.curvature import ggn_trace, hessian_trace, top_eigenvalues
 from gmix_curvature.curvature._model import bn_mode_context, kernel_context
@@ -139,3 +140,32 @@ def test_first_order_methods_still_run_where_a_product_cannot(case):
     exact = ggn_trace(model, (x, y), "exact").value
     r = ggn_trace(model, (x, y), "fisher_is", num_probes=8, generator=0)
     assert exact > 0 and abs(r.value - exact) < 4 * r.stderr
+
+
+def _jvp(model: nn.Module, x: torch.Tensor) -> None:
+    params = {k: p.detach() for k, p in model.named_parameters()}
+    jvp(lambda p: functional_call(model, p, (x,)), (params,), ({k: torch.ones_like(p) for k, p in params.items()},))
+
+
+def _double_backward(model: nn.Module, x: torch.Tensor) -> None:
+    params = list(model.parameters())
+    grads = torch.autograd.grad(model(x).square().sum(), params, create_graph=True)
+    torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+
+
+@pytest.mark.parametrize("product,message", [
+    (_jvp, r"layer 'encoder.layers.0' \(TransformerEncoderLayer\): aten::_transformer_encoder_layer_fwd has no "
+           "forward-mode derivative"),
+    (_double_backward, r"layer 'encoder.layers.0.self_attn' \(MultiheadAttention\): "
+                       "aten::_scaled_dot_product_flash_attention_for_cpu_backward has no second derivative"),
+], ids=["forward_mode", "second_derivative"])
+def test_fused_kernels_fail_without_the_routing_and_are_named(product, message):
+    """The products the estimators form, on the fused kernels (route_kernels=False): PyTorch's errors, turned into
+    one line naming the layer; with the routing the same products run (below and in test_hessian/test_eigen)."""
+    model, x, _ = build("transformer_encoder")
+    with pytest.raises(GmixError, match=message):
+        with bn_mode_context(model, route_kernels=False):
+            model(x)
+            product(model, x)
+    with bn_mode_context(model):
+        product(model, x)
