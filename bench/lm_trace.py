@@ -19,14 +19,16 @@ derivative.
 "Time to 1 %" is bench/curvature.py's: seconds a unit (a pass, an xtrace call) × (relative sd of one unit /
 1 %)², at least one unit; for ``fisher_is_deflated`` the sketch (k GGN-vector products + k JVPs) is a fixed
 cost added once. xtrace's relative spread is its root-mean-square error around the reference value over
---repeats calls (seeds 0..). The reference: ``fisher_is_deflated`` run to --ref-target (its standard error
-printed), or exact where --exact ran. "auto" is ``ggn_trace(..., "auto", target_rel_stderr=0.01)`` run as a
-user would, its wall time.
+--repeats calls (seeds 0..). The reference: ``fisher_is_deflated`` with --ref-rank over --ref-probes passes
+(a fixed number; its standard error printed), or exact where --exact ran. "auto" is
+``ggn_trace(..., "auto", target_rel_stderr=0.01)`` run as a user would, its wall time.
 
-Parts: t (train or load the two models), s (per-unit table of every estimator), x (xtrace), a (auto and
-fisher_is_deflated run to 1 %), e (exact: run with --exact, else its cost estimated from its passes).
+Parts (the models are trained once and cached in --cache): s (per-unit table of every estimator), x (xtrace),
+u (interleaved unit costs: a fisher_is pass vs a GGN-vector product, and the ratio to 1 % they imply with the
+spreads of s and x), a (auto and fisher_is_deflated run to 1 %), e (exact: run with --exact, else its cost
+estimated from a fisher_is pass).
 
-Run: OMP_NUM_THREADS=2 .venv/bin/python bench/lm_trace.py [--regimes i,ii] [--parts sxae] [--ranks 8,16,32]
+Run: OMP_NUM_THREADS=1 .venv/bin/python bench/lm_trace.py [--regimes i,ii] [--parts sxuae] [--prefixes distinct|random]
 """
 
 from __future__ import annotations
@@ -116,17 +118,18 @@ def train_models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, torch.T
     g = torch.Generator().manual_seed(0)
     test_starts = split + torch.randint(0, len(tokens) - split - CONTEXT - 1, (args.sequences,), generator=g)
     xi, yi = windows(tokens, test_starts)
-    # (ii): 16 training windows with distinct first characters, so that every prefix is unique
+    # (ii): 16 training windows, with distinct first characters (every prefix unique, so every token can be
+    # memorised) or at random (a few ambiguous tokens, e.g. a shared first character, stay uncertain)
     seen, starts = set(), []
     for s in torch.randint(0, split - CONTEXT - 1, (4096,), generator=g).tolist():
-        if int(tokens[s]) not in seen:
+        if args.prefixes == "random" or int(tokens[s]) not in seen:
             seen.add(int(tokens[s]))
             starts.append(s)
         if len(starts) == args.memorised:
             break
     xm, ym = windows(tokens, torch.tensor(starts))
     cache_i = Path(args.cache) / f"gpt_w{args.width}_l{args.layers}_s{args.train_steps}.pt"
-    cache_ii = cache_i.with_name(f"{cache_i.stem}_m{args.memorised}_{args.memorise_from}.pt")
+    cache_ii = cache_i.with_name(f"{cache_i.stem}_m{args.memorised}_{args.memorise_from}_{args.prefixes}.pt")
     cache_i.parent.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -155,13 +158,13 @@ def train_models(args: argparse.Namespace) -> dict[str, tuple[nn.Module, torch.T
             net_ii.load_state_dict(net_i.state_dict())
         opt = torch.optim.Adam(net_ii.parameters(), lr=1e-3 if args.memorise_from == "text" else 3e-3)
         start, step = time.perf_counter(), 0
-        while top_prob(net_ii, xm) < 0.995 and step < 3000:
+        while top_prob(net_ii, xm) < 0.995 and step < args.memorise_steps:
             step += 1
             net_ii.train()
             opt.zero_grad()
             lm_loss(net_ii, xm, ym).backward()
             opt.step()
-        print(f"(ii) memorised from {args.memorise_from} in {step} full-batch Adam steps, "
+        print(f"(ii) memorised ({args.prefixes} prefixes) from {args.memorise_from} in {step} full-batch Adam steps, "
               f"{time.perf_counter() - start:.0f} s")  # fmt: skip
         torch.save(net_ii.state_dict(), cache_ii)
     out = {"i": (net_i.eval(), xi, yi), "ii": (net_ii.eval(), xm, ym)}
@@ -185,8 +188,8 @@ def rel_sd(values: list[float]) -> float:
 
 
 def reference(net, x, y, args) -> tuple[float, float, float]:
-    r = deflated_ggn_trace(net, (x, y), rank=args.ref_rank, generator=12345, target_rel_stderr=args.ref_target,
-                           batch_size=args.batch, max_probes=2000)  # fmt: skip
+    r = deflated_ggn_trace(net, (x, y), rank=args.ref_rank, generator=12345, num_probes=args.ref_probes,
+                           batch_size=args.batch)  # fmt: skip
     return r.value, r.stderr, r.seconds
 
 
@@ -223,7 +226,10 @@ def math_attention():
         yield
 
 
-def part_x(net, x, y, args, ref) -> tuple[float, int]:
+xtrace_rows: dict[str, list[tuple[int, float]]] = {}  # regime -> [(products, relative spread)]
+
+
+def part_x(net, x, y, args, ref, name) -> tuple[float, int]:
     """xtrace at each budget: (best time to 1 %, its budget)."""
     from curvlinops import GGNLinearOperator, xtrace
 
@@ -231,6 +237,7 @@ def part_x(net, x, y, args, ref) -> tuple[float, int]:
     params = [p for p in flat.parameters() if p.requires_grad]
     data = [(x[i : i + args.batch], y[i : i + args.batch].reshape(-1)) for i in range(0, len(y), args.batch)]
     best = (math.inf, 0)
+    xtrace_rows[name] = []
     print(f"{'xtrace products':<26} {'mean':>10} {'rel spread':>10} {'sd/mean':>8} {'s/call':>8} {'s to 1 %':>9}")
     with math_attention():
         op = GGNLinearOperator(flat, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
@@ -244,11 +251,40 @@ def part_x(net, x, y, args, ref) -> tuple[float, int]:
             spread = math.sqrt(statistics.fmean([(v - ref) ** 2 for v in vals])) / ref
             t1 = time_to_1pct(sec, spread)
             best = min(best, (t1, m))
+            xtrace_rows[name].append((m, spread))
             sd = rel_sd(vals) if len(vals) > 1 else math.nan
             print(f"{'xtrace ' + str(m):<26} {statistics.fmean(vals):>10.5g} {spread:>10.2%} {sd:>8.2%} {sec:>8.1f} "
                   f"{t1:>9.1f}", flush=True)  # fmt: skip
     net.eval()
     return best
+
+
+def part_u(net, x, y, args) -> float:
+    """Interleaved unit costs (a ratio the load drifts less): one fisher_is pass (over all the data, its forward
+    included) vs one GGN-vector product of curvlinops' operator (a product of --matvecs' first budget columns at
+    once, as xtrace takes them), alternated --unit-repeats times; returns the median products a pass."""
+    from curvlinops import GGNLinearOperator
+
+    flat = Flat(net).train()
+    params = [p for p in flat.parameters() if p.requires_grad]
+    data = [(x[i : i + args.batch], y[i : i + args.batch].reshape(-1)) for i in range(0, len(y), args.batch)]
+    columns = int(args.matvecs.split(",")[0])
+    ratios = []
+    with math_attention():
+        op = GGNLinearOperator(flat, nn.CrossEntropyLoss(), params, data, check_deterministic=False)
+        g = torch.Generator().manual_seed(0)
+        for rep in range(args.unit_repeats):
+            r = ggn_trace(net.eval(), (x, y), "fisher_is", num_probes=2, generator=rep, batch_size=args.batch)
+            sec_pass = r.seconds / 2
+            flat.train()
+            start = time.perf_counter()
+            op @ torch.randn(op.shape[1], columns, generator=g)
+            sec_prod = (time.perf_counter() - start) / columns
+            ratios.append(sec_pass / sec_prod)
+            print(f"fisher_is {sec_pass:.2f} s a pass, GGN product {sec_prod:.2f} s: one pass = "
+                  f"{sec_pass / sec_prod:.2f} products", flush=True)  # fmt: skip
+    net.eval()
+    return statistics.median(ratios)
 
 
 def part_a(net, x, y, args, ref) -> dict[str, float]:
@@ -270,14 +306,16 @@ def part_a(net, x, y, args, ref) -> dict[str, float]:
     return out
 
 
-def part_e(net, x, y, args, name) -> float | None:
+def part_e(net, x, y, args, name, rows) -> float | None:
+    """exact (one per-sample-norm pass per position and class) where --exact names the regime, else its cost
+    estimated from the seconds of a fisher_is pass of part s."""
     from gmix_curvature.curvature import exact_ggn_trace
 
-    passes = y.shape[1] * net.head.out_features
+    passes = y.shape[1] * net.head.out_features  # over the data, each as costly as a fisher_is pass
     if name not in args.exact.split(","):
-        r = deflated_ggn_trace(net, (x, y), rank=0, num_probes=2, generator=3, batch_size=args.batch)
-        print(f"exact: not run; C passes per position = {passes} per-sample-norm passes, about "
-              f"{passes * r.seconds / 2:.0f} s at {r.seconds / 2:.2f} s a pass")  # fmt: skip
+        sec = next((r[3] for r in rows if r[0] == "fisher_is"), math.nan)
+        print(f"exact: not run; {passes} per-sample-norm passes over the data (one per position and class), about "
+              f"{passes * sec:.0f} s at {sec:.2f} s a fisher_is pass")  # fmt: skip
         return None
     r = exact_ggn_trace(net, (x, y), batch_size=args.batch)
     print(f"exact: {r.value:.6g} in {r.seconds:.1f} s", flush=True)
@@ -287,7 +325,7 @@ def part_e(net, x, y, args, name) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regimes", default="i,ii")
-    ap.add_argument("--parts", default="sxae")
+    ap.add_argument("--parts", default="sxuae")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--sequences", type=int, default=128, help="held-out sequences of regime (i)")
@@ -295,6 +333,9 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--memorise-from", choices=("scratch", "text"), default="scratch",
                     help="regime (ii) trains a fresh model on its 16 sequences, or the model of (i) further")
+    ap.add_argument("--prefixes", choices=("distinct", "random"), default="distinct",
+                    help="regime (ii)'s windows: distinct first characters, or at random (ambiguous tokens)")
+    ap.add_argument("--memorise-steps", type=int, default=3000, help="at most this many full-batch steps (ii)")
     ap.add_argument("--batch", type=int, default=32, help="sequences a batch (every method)")
     ap.add_argument("--methods", default="fisher_is,deflated:0,deflated:8,deflated:16,deflated:32,hutchinson")
     ap.add_argument("--probes", type=int, default=8, help="passes of each per-sample-norm estimator")
@@ -302,8 +343,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16, help="k of the fisher_is_deflated run to 1 % (part a)")
     ap.add_argument("--matvecs", default="24")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--unit-repeats", type=int, default=3)
     ap.add_argument("--ref-rank", type=int, default=32)
-    ap.add_argument("--ref-target", type=float, default=0.002)
+    ap.add_argument("--ref-probes", type=int, default=100, help="passes of the reference (a fixed number: an "
+                    "adaptive stop biases a skewed estimator)")
     ap.add_argument("--exact", default="", help="regimes to run exact on (e.g. ii)")
     ap.add_argument("--cache", default="/tmp/gmix_lm_trace_cache")
     args = ap.parse_args()
@@ -314,18 +357,30 @@ def main() -> None:
     for name in args.regimes.split(","):
         net, x, y = models[name]
         print(f"\n=== regime ({name}) ===")
-        truth = part_e(net, x, y, args, name) if "e" in args.parts else None
+        truth = part_e(net, x, y, args, name, []) if name in args.exact.split(",") else None
         ref, ref_se, ref_sec = reference(net, x, y, args)
-        print(f"reference (fisher_is_deflated k={args.ref_rank} to {args.ref_target:.1%}): {ref:.6g} ± {ref_se:.3g} "
+        print(f"reference (fisher_is_deflated k={args.ref_rank}, {args.ref_probes} passes): {ref:.6g} ± {ref_se:.3g} "
               f"({ref_sec:.0f} s)" + (f"; exact {truth:.6g}" if truth is not None else ""), flush=True)  # fmt: skip
         ref = truth if truth is not None else ref
         rows = part_s(net, x, y, args, ref) if "s" in args.parts else []
-        xt = part_x(net, x, y, args, ref) if "x" in args.parts else (math.nan, 0)
+        if "e" in args.parts and truth is None:
+            part_e(net, x, y, args, name, rows)
+        xt = part_x(net, x, y, args, ref, name) if "x" in args.parts else (math.nan, 0)
+        unit = part_u(net, x, y, args) if "u" in args.parts else math.nan
         direct = part_a(net, x, y, args, ref) if "a" in args.parts else {}
-        summary.append((name, rows, xt, direct))
+        summary.append((name, rows, xt, direct, unit))
     print("\nsummary: time to 1 % (s) and how many times faster than xtrace (its best budget), one run")
-    for name, rows, (xt1, m), direct in summary:
+    for name, rows, (xt1, m), direct, unit in summary:
         print(f"({name}) xtrace ({m} products): {xt1:.1f} s")
+        if not math.isnan(unit):
+            spread = next((r for r in xtrace_rows.get(name, []) if r[0] == m), None)
+            fis = next((r for r in rows if r[0] == "fisher_is"), None)
+            if spread and fis:
+                xt_products = m * max((spread[1] / 0.01) ** 2, 1.0)
+                fis_passes = max((fis[4] / 0.01) ** 2, 1.0)
+                print(f"({name}) interleaved units: one fisher_is pass = {unit:.2f} GGN products; to 1 %: xtrace "
+                      f"{xt_products:.0f} products, fisher_is {fis_passes:.1f} passes = {fis_passes * unit:.1f} "
+                      f"products -> {xt_products / (fis_passes * unit):.1f}x")  # fmt: skip
         for label, _, _, _, _, t1 in rows:
             print(f"({name}) {label:<26} {t1:>8.1f} s  {xt1 / t1:>7.1f}x")
         for label, sec in direct.items():

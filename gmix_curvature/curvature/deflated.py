@@ -45,7 +45,10 @@ from gmix_curvature.curvature._result import CurvatureResult
 from gmix_curvature.curvature.sampled import fisher_is_terms
 from gmix_curvature.errors import GmixError
 
-__all__ = ["deflated_ggn_trace", "DEFAULT_RANK", "sketch_basis"]
+__all__ = [
+    "deflated_ggn_trace", "sketch_basis", "auto_rank", "DEFAULT_RANK", "AUTO_DEFLATE_MIN_PASSES",
+    "SKETCH_PASSES_PER_COLUMN", "SKETCH_MEMORY_BUDGET",
+]  # fmt: skip
 
 DEFAULT_RANK = 16  # sketch columns k: the cost is about 3k passes (k GGN-vector products + k JVPs)
 DEFAULT_PROBES = 8
@@ -54,6 +57,34 @@ _COLUMN_CHUNK = 8  # sketch columns per vmapped product
 # (k × the output's size); beyond it they are recomputed once per round.
 JQ_CACHE_BUDGET = 2**26
 METHOD = "fisher_is_deflated"
+# A sketch column (one GGN-vector product, one JVP) costs about this many fisher_is passes (measured in
+# bench/lm_trace.py on the char GPT: 1.6-2.5).
+SKETCH_PASSES_PER_COLUMN = 2
+# ggn_trace's auto deflates when its fisher_is pilot predicts at least this many passes to the target
+# (theory/DEFLATION.md §5), with the rank whose sketch costs a quarter of them (AUTO_MIN_RANK..AUTO_MAX_RANK).
+AUTO_DEFLATE_MIN_PASSES = 64
+AUTO_MIN_RANK, AUTO_MAX_RANK = 4, 32
+
+
+# The sketch holds about three k × d matrices (Ω, G Ω, Q); auto keeps one within this many elements (1 GiB in
+# float32): a GPT-2-size model (124 M parameters) then gets k ≤ 2 < AUTO_MIN_RANK, i.e. no deflation.
+SKETCH_MEMORY_BUDGET = 2**28
+
+
+def auto_rank(predicted_passes: float, num_params: int) -> int:
+    """The sketch rank ``auto`` takes when fisher_is is predicted to need ``predicted_passes`` passes on a model
+    of ``num_params`` parameters: 0 (do not deflate) below ``AUTO_DEFLATE_MIN_PASSES``, else the k whose sketch
+    costs a quarter of them, within 4..32 and k·d ≤ ``SKETCH_MEMORY_BUDGET`` (0 if that leaves k < 4).
+
+    >>> auto_rank(10, 10**5), auto_rank(64, 10**5), auto_rank(100, 10**5), auto_rank(10_000, 10**5)
+    (0, 8, 12, 32)
+    >>> auto_rank(10_000, 124_000_000)  # GPT-2 small: a rank-4 sketch would not fit the memory budget
+    0
+    """
+    if predicted_passes < AUTO_DEFLATE_MIN_PASSES:
+        return 0
+    k = min(AUTO_MAX_RANK, int(predicted_passes / (4 * SKETCH_PASSES_PER_COLUMN)), SKETCH_MEMORY_BUDGET // num_params)
+    return k if k >= AUTO_MIN_RANK else 0
 
 
 def _functional(model: nn.Module, x: Any, output_fn: OutputFn) -> Callable[[dict], torch.Tensor]:
@@ -100,6 +131,23 @@ def _ggn_columns(
     return {name: torch.cat(v) for name, v in res.items()}
 
 
+def _orthonormalise(y: dict[str, torch.Tensor], rel_tol: float) -> dict[str, torch.Tensor]:
+    """Columns spanning y (k leading, one tensor per parameter) made orthonormal through their k × k Gram matrix
+    (eigendecomposition in float64; directions below ``rel_tol`` of the largest eigenvalue dropped), block by
+    block: no d × k matrix is ever concatenated."""
+    k = next(iter(y.values())).shape[0]
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for v in y.values():
+        flat = v.reshape(k, -1).double()
+        gram += (flat @ flat.T).cpu()
+    lam, vec = torch.linalg.eigh(gram)
+    keep = lam > lam.max().clamp(min=0) * rel_tol if k else torch.zeros(0, dtype=torch.bool)
+    if not bool(keep.any()):
+        return {name: v.new_zeros((0, *v.shape[1:])) for name, v in y.items()}
+    mix = (vec[:, keep] / lam[keep].sqrt()).T  # (k', k): Q = mix · Y
+    return {name: torch.tensordot(mix.to(v), v, dims=1) for name, v in y.items()}
+
+
 def sketch_basis(
     ggn_columns: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
     params: dict[str, torch.Tensor],
@@ -108,27 +156,24 @@ def sketch_basis(
 ) -> dict[str, torch.Tensor]:
     """An orthonormal basis Q (k columns, each a dict like ``params``) of G Ω, Ω a Gaussian d × k matrix drawn
     from ``seed``: the randomized range finder (Halko, Martinsson & Tropp 2011, Alg. 4.1) that Hutch++
-    and xtrace start from. ``ggn_columns`` maps k columns to G times them (any positive scale).
+    and xtrace start from. ``ggn_columns`` maps k columns to G times them (any positive scale). Orthonormalised
+    twice through the k × k Gram matrix (CholeskyQR2 in spirit), so QᵀQ = I to working precision; directions
+    of a numerically rank-deficient sketch (k > rank G) are dropped. Memory: about 3 k·d elements.
 
     >>> a = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    >>> q = sketch_basis(lambda c: {"w": c["w"] @ a}, {"w": torch.zeros(3, dtype=torch.float64)}, 2, 0)["w"]
-    >>> torch.allclose(q @ q.T, torch.eye(2, dtype=torch.float64)), round(float(q[:, 2].abs().max()), 12)
-    (True, 0.0)
+    >>> q = sketch_basis(lambda c: {"w": c["w"] @ a}, {"w": torch.zeros(3, dtype=torch.float64)}, 3, 0)["w"]
+    >>> q.shape, torch.allclose(q @ q.T, torch.eye(2, dtype=torch.float64)), round(float(q[:, 2].abs().max()), 12)
+    (torch.Size([2, 3]), True, 0.0)
     """
     if rank == 0:
         return {k: p.new_zeros((0, *p.shape)) for k, p in params.items()}
     g = torch.Generator().manual_seed(seed)
     omega = {k: torch.randn((rank, *p.shape), generator=g, dtype=torch.float64).to(p) for k, p in params.items()}
-    y = ggn_columns(omega)
-    flat = torch.cat([all_reduce_sum(y[k]).reshape(rank, -1).double() for k in params], 1)  # (k, d)
-    q, r = torch.linalg.qr(flat.T.cpu())
-    keep = r.diagonal().abs() > r.diagonal().abs().max() * 1e-12
-    q = q[:, keep].T  # drop columns of a numerically rank-deficient sketch (k > rank G)
-    out, start = {}, 0
-    for k, p in params.items():
-        out[k] = q[:, start : start + p.numel()].reshape(q.shape[0], *p.shape).to(p)
-        start += p.numel()
-    return out
+    y = {name: all_reduce_sum(v) for name, v in ggn_columns(omega).items()}  # every rank's batches
+    del omega
+    eps = torch.finfo(next(iter(params.values())).dtype).eps
+    q = _orthonormalise(y, rel_tol=max(1e-12, 10 * eps))  # float32: singular values below 1e-3 of the top dropped
+    return _orthonormalise(q, rel_tol=0.5)  # second pass: every eigenvalue is ≈ 1, none is dropped
 
 
 def deflated_ggn_trace(
