@@ -37,6 +37,7 @@ from gmix_curvature.curvature import (
     top_eigenvalues,
 )
 from gmix_curvature.curvature._model import bn_mode_context
+from gmix_curvature.curvature.deflated import deflated_ggn_trace
 from gmix_curvature.curvature.reference import dense_ggn, dense_hessian, dense_jacobian
 from gmix_curvature.transformer import TransformerSeq2Seq
 
@@ -171,11 +172,14 @@ def test_empirical_fisher_trace(case):
 # stochastic methods ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["fisher_is", "fisher_mc", "output_hutchinson", "hutchinson"])
+@pytest.mark.parametrize("method", ["fisher_is", "fisher_mc", "output_hutchinson", "hutchinson", "fisher_is_deflated"])
 @pytest.mark.parametrize("case", ZOO, ids=ids)
 def test_stochastic_ggn_trace_within_standard_errors(case, method):
     ref = reference(case.name)
-    r = ggn_trace(ref.model, (ref.x, ref.y), method, num_probes=PROBES, generator=1)
+    if method == "fisher_is_deflated":  # a rank-2 sketch (forward-mode products) plus fisher_is on the rest
+        r = deflated_ggn_trace(ref.model, (ref.x, ref.y), rank=2, num_probes=PROBES, generator=1)
+    else:
+        r = ggn_trace(ref.model, (ref.x, ref.y), method, num_probes=PROBES, generator=1)
     assert r.method == method and r.n_probes == PROBES and r.stderr > 0
     assert abs(r.value - ref.ggn_trace) < Z * r.stderr
 
