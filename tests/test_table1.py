@@ -27,6 +27,7 @@ from gmix_curvature.table1 import (
     TABLE1_METHODS,
     RunRecord,
     Table1Samples,
+    load_table1,
     matched_loss_trace,
     plot_table1,
     plot_trace_vs_loss,
@@ -270,6 +271,31 @@ def test_measured_samples_are_recorded_and_load_back(micro):
     assert again == pytest.approx(run.metrics["ggn_trace"], rel=1e-4)
 
 
+def _same(a, b, rel=1e-12):
+    """Equal nested containers, floats to ``rel`` (NaN equals NaN)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k], rel) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel)
+    return a == b
+
+
+def test_a_finished_table_reads_back_with_the_same_statistics(micro, tmp_path):
+    result, out = micro
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    again = load_table1(copy / "table1.json", write=True, plot=False)
+    assert _same([r.stats for r in again.rows], [r.stats for r in result.rows])
+    assert _same([c.to_dict() for c in again.comparisons], [c.to_dict() for c in result.comparisons])
+    assert [v.verdict for v in again.verdicts] == [v.verdict for v in result.verdicts]
+    assert again.preset == dataclasses.replace(result.preset, train=dict(result.preset.train))
+    assert (copy / "table1.md").read_text() == (out / "table1.md").read_text()
+    with pytest.raises(FileNotFoundError, match="expected a table1.json"):
+        load_table1(tmp_path / "nowhere")
+
+
 def test_table1_data_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.json does not exist"):
         table1_data(tmp_path / "nope.json")
@@ -322,6 +348,23 @@ def test_rerun_in_the_same_directory_reuses_the_finished_runs(micro, tmp_path):
     assert [r.seed for r in again.runs] == [0] * len(TABLE1_METHODS)
     for r in again.runs:
         assert _without(r.metrics, "ggn_trace_matched") == _without(mine[(r.method, 0)].metrics, "ggn_trace_matched")
+
+
+def test_rerun_reuses_a_measurement_only_for_the_same_checkpoint_and_settings(micro, tmp_path):
+    _, out = micro
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cache = copy / "baseline-seed0" / "table1_measure.json"
+    saved = json.loads(cache.read_text())
+    assert saved["key"]["hessian_probes"] == table1_preset("micro").hessian_probes
+    assert len(saved["key"]["checkpoint_sha256"]) == 64
+    saved["metrics"]["test_acc"] = -1.0  # a marker: read back, not measured again
+    cache.write_text(json.dumps(saved))
+    two_rows = dataclasses.replace(table1_preset("micro"), methods=("baseline",), seeds=1)
+    assert run_table1(two_rows, out=copy, plot=False, kappa_ratio=1.0).runs[0].metrics["test_acc"] == -1.0
+    # other settings (more Hessian probes): measured again, and the record replaced
+    again = run_table1(two_rows, out=copy, plot=False, kappa_ratio=1.0, hessian_probes=2).runs[0].metrics
+    assert again["test_acc"] >= 0 and json.loads(cache.read_text())["key"]["hessian_probes"] == 2
 
 
 def test_paper_preset_first_steps_on_a_tiny_cifar_directory(tmp_path):

@@ -82,7 +82,8 @@ def test_rows_of_one_seed_share_initialisation_and_data_order(preset):
 @pytest.mark.parametrize(
     "argv,match",
     [(["--measure-samples", "-1"], "measure_samples must be an integer >= 0"),
-     (["--hessian-probes", "-2"], "hessian_probes must be an integer >= 0")],
+     (["--hessian-probes", "-2"], "hessian_probes must be an integer >= 0"),
+     (["--trace-points", "-1"], "trace_points must be an integer >= 0")],
 )
 def test_cli_measurement_knobs_reject_negative_counts(capsys, argv, match):
     assert main(["table1", "--preset", "micro", *argv]) == 2

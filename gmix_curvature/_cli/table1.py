@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "about 20 minutes on 2 cores), paper (ResNet-18, CIFAR-10, batch 8192) or micro (seconds); see "
                    "--list-presets")
     p.add_argument("--list-presets", action="store_true", help="list the Table 1 presets and exit")
+    p.add_argument("--from-json", default=None, metavar="PATH", help="a finished table's table1.json (or its "
+                   "directory): compute the summary, the paired comparisons and the verdict again from the runs it "
+                   "recorded and rewrite its tables and figures (no training, no measurement)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds per row (default: the preset's)")
     kappa = p.add_mutually_exclusive_group()
     kappa.add_argument("--kappa", type=float, default=None,
@@ -31,9 +34,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="λ_max of G and of the Hessian on N training samples (default: the preset's; 0: not measured)")
     p.add_argument("--hessian-probes", type=int, default=None,
                    help="Hutchinson probes of the Hessian trace (default: the preset's; 0: not measured)")
+    p.add_argument("--trace-points", type=int, default=None,
+                   help="records of Tr(G) along each run (default: the preset's; 0: none)")
     p.add_argument("--no-plot", dest="plot", action="store_false", help="do not draw the figures")
     p.add_argument("--progress", action="store_true", help="progress bars for the training runs")
     p.add_argument("--quiet", action="store_true", help="no per-run log lines on stderr")
+    p.add_argument("--trust-checkpoint", dest="trust_checkpoint", action="store_true",
+                   help="when continuing runs in --out: unpickle a checkpoint that needs it in full, which runs code "
+                   "it names (only for files from a source you trust; gmix's own checkpoints never need it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,11 +55,18 @@ def run(args: argparse.Namespace) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    if args.from_json is not None:
+        from gmix_curvature.table1 import load_table1
+
+        result = load_table1(args.from_json, write=True, plot=args.plot)
+        print(result.format_table())
+        print("\nwritten: " + ", ".join(result.files.values()))
+        return 0
     result = run_table1(
         args.preset, seeds=args.seeds, kappa=args.kappa, kappa_ratio=args.kappa_ratio, out=args.out,
         data_dir=args.data_dir, max_steps=args.max_steps, device=args.device, progress=args.progress,
         plot=args.plot, log=None if args.quiet else log, threads=args.threads, measure_samples=args.measure_samples,
-        eigen_samples=args.eigen_samples, hessian_probes=args.hessian_probes,
+        eigen_samples=args.eigen_samples, hessian_probes=args.hessian_probes, trace_points=args.trace_points,
         trust=bool(getattr(args, "trust_checkpoint", False)),
     )
     print(result.format_table())

@@ -41,7 +41,7 @@ from gmix_curvature.table1.methods import PAPER_TABLE1, TABLE1_METHODS, TABLE1_M
 from gmix_curvature.table1.plots import plot_table1, plot_trace_vs_loss
 from gmix_curvature.table1.presets import TABLE1_PRESETS, Table1Preset, table1_preset
 from gmix_curvature.table1.records import KappaSelection, RunRecord, Table1Result, Table1Row, Table1Samples
-from gmix_curvature.table1.report import write_table1
+from gmix_curvature.table1.report import load_table1, write_table1
 from gmix_curvature.table1.runs import cpu_threads, run_table1, select_kappa
 from gmix_curvature.table1.stats import (
     PairedDifference,
@@ -101,6 +101,7 @@ __all__ = [
     "Table1Result",
     # output
     "write_table1",
+    "load_table1",
     "plot_table1",
     "plot_trace_vs_loss",
 ]

@@ -12,7 +12,7 @@ from typing import Any
 from gmix_curvature.table1.plots import plot_table1, plot_trace_vs_loss
 from gmix_curvature.table1.records import Table1Result
 
-__all__ = ["write_table1"]
+__all__ = ["write_table1", "load_table1"]
 
 
 def _finite_or_none(x: Any) -> Any:
@@ -73,3 +73,64 @@ def write_table1(result: Table1Result, out: str | Path, *, plot: bool = True) ->
     return result.files
 
 
+
+
+def _nan_for_none(d: dict[str, Any]) -> dict[str, float]:
+    return {k: (math.nan if v is None else v) for k, v in d.items()}
+
+
+def load_table1(path: str | Path, *, write: bool = False, plot: bool = True) -> Table1Result:
+    """A finished Table 1 read back from its ``table1.json`` (or the directory holding it), with the summary rows,
+    the paired comparisons and the verdicts computed afresh from the runs it recorded — no training, no
+    measurement. ``write`` writes the tables, CSVs and figures again next to the file (:func:`write_table1`).
+
+    >>> import tempfile
+    >>> from gmix_curvature.table1.presets import table1_preset
+    >>> from gmix_curvature.table1.records import RunRecord
+    >>> runs = [RunRecord(m, s, 8, "none", 0.0, 0.0, 1, None, {"test_acc": 90.0 + s + (m == "gaussian")})
+    ...         for m in ("baseline", "gaussian") for s in range(3)]
+    >>> res = Table1Result(table1_preset("micro"), {"gaussian": 1.0}, None, runs, [], None, 0.9, "sgd")
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...     _ = write_table1(res, d, plot=False)
+    ...     again = load_table1(d)
+    >>> [(c.row, c.metric, c.mean) for c in again.comparisons if c.metric == "test_acc"]
+    [('gaussian', 'test_acc', 1.0)]
+    """
+    from gmix_curvature.table1.presets import Table1Preset
+    from gmix_curvature.table1.records import KappaSelection, RunRecord, Table1Samples
+    from gmix_curvature.table1.summary import paired_comparisons, summarise
+    from gmix_curvature.table1.verdict import judge_claims
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "table1.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (expected a table1.json written by gmix table1)")
+    d = json.loads(path.read_text())
+    pd = dict(d["preset"])
+    for key in ("kappa_sweep", "select_splits", "methods"):
+        pd[key] = tuple(pd.get(key) or ())
+    preset = Table1Preset(**pd)
+    runs = []
+    for r in d["runs"]:
+        r = dict(r)
+        r["metrics"] = _nan_for_none(r.get("metrics", {}))
+        r["trace"] = [_nan_for_none(t) for t in r.get("trace", [])]
+        runs.append(RunRecord(**r))
+    sel = d.get("selection")
+    selection = None
+    if sel:
+        selection = KappaSelection(sel["rule"], tuple(sel["splits"]), sel["batch_size"], tuple(sel["candidates"]),
+                                   sel["scores"], sel["chosen"])
+    ratios = {k: float(v) for k, v in d.get("kappa_ratios", {}).items()}
+    comparisons = paired_comparisons(runs)
+    result = Table1Result(
+        preset=preset, kappa_ratios=ratios, selection=selection, runs=runs, rows=summarise(runs, ratios),
+        matched_loss=d.get("matched_loss"), momentum=float(d.get("momentum", math.nan)),
+        optimizer=str(d.get("optimizer", "")), out=path.parent, seconds=float(d.get("seconds") or 0.0),
+        samples={k: Table1Samples.from_dict(v) for k, v in (d.get("samples") or {}).items()},
+        data_dir=d.get("data_dir"), comparisons=comparisons, verdicts=judge_claims(comparisons),
+    )
+    if write:
+        write_table1(result, path.parent, plot=plot)
+    return result

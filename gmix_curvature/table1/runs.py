@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -88,6 +91,81 @@ def _train_run(cfg: TrainConfig, datasets: tuple[Any, Any], trust: bool = False)
     resume = cfg.out is not None and (Path(cfg.out) / "checkpoint.pt").exists()
     return train(cfg, resume=resume, datasets=datasets, trust=trust)
 
+
+
+def _checkpoint_digest(run_out: Path) -> str:
+    h = hashlib.sha256()
+    with open(run_out / "checkpoint.pt", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _measured(run_out: Path | None, key: dict[str, Any], measure: Callable[[], dict[str, float]],
+              is_main: bool = True) -> dict[str, float]:
+    """``measure()``, or the metrics ``run_out/table1_measure.json`` holds for the same ``key`` (the checkpoint's
+    SHA-256 and every measurement setting): a rerun in a finished directory measures nothing twice. Written
+    atomically (rank 0 only)."""
+    if run_out is None or not (run_out / "checkpoint.pt").is_file():
+        return measure()
+    key = {**key, "checkpoint_sha256": _checkpoint_digest(run_out)}
+    path = run_out / "table1_measure.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                return {k: float(v) for k, v in saved["metrics"].items()}
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            pass  # unreadable: measure again and replace it
+    metrics = measure()
+    if is_main:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"key": key, "metrics": metrics}, indent=1) + "\n")
+        os.replace(tmp, path)
+    return metrics
+
+
+def _train_and_measure(
+    p: Table1Preset, method_key: str, seed: int, ratios: dict[str, float], *, root: Path | None,
+    datasets: tuple[Any, Any], measure_ds: Any, eigen_ds: Any, samples: dict[str, Table1Samples],
+    max_steps: int | None, device: str, progress: bool, log: Callable[[str], None] | None, trust: bool = False,
+    is_main: bool = True,
+) -> RunRecord:
+    """One row × seed: train (or continue, or reuse the finished checkpoint), measure (or reuse the measurement
+    recorded for this checkpoint and these settings), read the along-training records."""
+    method = METHOD[method_key]
+    batch = p.small_batch_size if method.small_batch else p.batch_size
+    run_out = root / f"{method.key}-seed{seed}" if root is not None else None
+    cfg = run_config(
+        p, noise=method.noise, batch_size=batch, kappa_ratio=ratios.get(method.noise, 0.0), seed=seed, out=run_out,
+        num_train=len(datasets[0]), max_steps=max_steps, device=device, progress=progress, trace=True,
+    )
+    t0 = time.perf_counter()
+    res = _train_run(cfg, datasets, trust)
+    t1 = time.perf_counter()
+    dtype = torch.float64 if p.measure_dtype == "float64" else torch.float32
+    settings = {"version": 1, "measure": samples["measure"].to_dict(), "eigen": samples["eigen"].to_dict(),
+                "hessian_probes": p.hessian_probes, "eig_tol": p.eig_tol, "batch_size": p.measure_batch_size,
+                "dtype": p.measure_dtype, "generator_seed": seed, "eigen_measured": p.eigen_samples != 0}
+    metrics = _measured(run_out, settings, lambda: measure_run(
+        res.model, res.config, measure_data=measure_ds, train_data=datasets[0], eigen_data=eigen_ds,
+        hessian_probes=p.hessian_probes, eig_tol=p.eig_tol, batch_size=p.measure_batch_size, dtype=dtype,
+        generator_seed=seed, eigen=p.eigen_samples != 0,
+    ), is_main)
+    rec = RunRecord(
+        method=method.key, seed=seed, batch_size=batch, noise=method.noise,
+        kappa_ratio=float(res.config.kappa_ratio), kappa=float(res.config.kappa), steps=int(res.steps),
+        out=str(run_out) if run_out else None,
+        metrics=metrics, trace=annotate_trace(read_trace(str(run_out) if run_out else None), res.config),
+    )
+    ratios_along = [t["edge_ratio"] for t in rec.trace if math.isfinite(t.get("edge_ratio", math.nan))]
+    rec.metrics["edge_ratio_max"] = max(ratios_along) if ratios_along else math.nan
+    _log(
+        log,
+        f"{method.key} seed={seed}: {res.steps} steps in {t1 - t0:.1f}s, measured in "
+        f"{time.perf_counter() - t1:.1f}s; test acc {metrics['test_acc']:.2f}%, Tr(G) {metrics['ggn_trace']:.4g}",
+    )
+    return rec
 
 
 def _selection_rule() -> str:
@@ -204,6 +282,7 @@ def run_table1(
     measure_samples: int | None = None,
     eigen_samples: int | None = None,
     hessian_probes: int | None = None,
+    trace_points: int | None = None,
     trust: bool = False,
 ) -> Table1Result:
     """Run Table 1 end to end (see the module docstring) and return a :class:`Table1Result`.
@@ -217,8 +296,9 @@ def run_table1(
     (:func:`write_table1`); a run whose checkpoint is there continues from it (a finished one is reused).
     ``threads`` overrides the preset's pinned CPU thread count (0: torch's default; see :class:`Table1Preset`).
     ``measure_samples`` (curvature columns; 0: the whole split), ``eigen_samples`` (λ_max; 0: not measured) and
-    ``hessian_probes`` (0: no Hessian trace) override the preset's end-of-run measurement, so that a smoke run of
-    the paper preset (``max_steps=2``) measures in seconds. ``trust`` reads checkpoints that need full unpickling.
+    ``hessian_probes`` (0: no Hessian trace) override the preset's end-of-run measurement, and ``trace_points``
+    (0: none) its along-training records, so that a smoke run of the paper preset (``max_steps=2``) measures in
+    seconds. ``trust`` reads checkpoints that need full unpickling.
     The result holds the paired comparisons by seed and the verdicts on the paper's claims
     (:mod:`gmix_curvature.table1.summary`, :mod:`gmix_curvature.table1.verdict`).
 
@@ -231,7 +311,7 @@ def run_table1(
     if threads is not None:
         p = dataclasses.replace(p, threads=threads)
     for name, value in (("measure_samples", measure_samples), ("eigen_samples", eigen_samples),
-                        ("hessian_probes", hessian_probes)):
+                        ("hessian_probes", hessian_probes), ("trace_points", trace_points)):
         if value is None:
             continue
         if not isinstance(value, int) or value < 0:
@@ -288,42 +368,16 @@ def _run_table1(p, seeds, kappa, kappa_ratio, out, data_dir, max_steps, device, 
         ratios = {"gaussian": p.kappa_ratio, "rademacher": p.kappa_ratio}
     _log(log, "r = κ·B: " + ", ".join(f"{k} {v:g}" for k, v in ratios.items()))
 
-    dtype = torch.float64 if p.measure_dtype == "float64" else torch.float32
     runs: list[RunRecord] = []
     for method in TABLE1_METHODS:
         if method.key not in p.methods or (method.small_batch and p.small_batch_size is None):
             continue
-        batch = p.small_batch_size if method.small_batch else p.batch_size
-        r = ratios.get(method.noise, 0.0)
         for seed in range(n_seeds):
-            run_out = root / f"{method.key}-seed{seed}" if root is not None else None
-            cfg = run_config(
-                p, noise=method.noise, batch_size=batch, kappa_ratio=r, seed=seed, out=run_out,
-                num_train=len(train_ds), max_steps=max_steps, device=device, progress=progress, trace=True,
-            )
-            t0 = time.perf_counter()
-            res = _train_run(cfg, (train_ds, test_ds), trust)
-            t1 = time.perf_counter()
-            metrics = measure_run(
-                res.model, res.config, measure_data=measure_ds, train_data=train_ds, eigen_data=eigen_ds,
-                hessian_probes=p.hessian_probes, eig_tol=p.eig_tol, batch_size=p.measure_batch_size, dtype=dtype,
-                generator_seed=seed, eigen=p.eigen_samples != 0,
-            )
-            rec = RunRecord(
-                method=method.key, seed=seed, batch_size=batch, noise=method.noise,
-                kappa_ratio=float(res.config.kappa_ratio), kappa=float(res.config.kappa), steps=int(res.steps),
-                out=str(run_out) if run_out else None,
-                metrics=metrics, trace=annotate_trace(read_trace(str(run_out) if run_out else None), res.config),
-            )
-            ratios_along = [t["edge_ratio"] for t in rec.trace if math.isfinite(t.get("edge_ratio", math.nan))]
-            rec.metrics["edge_ratio_max"] = max(ratios_along) if ratios_along else math.nan
-            runs.append(rec)
-            _log(
-                log,
-                f"{method.key} seed={seed}: {res.steps} steps in {t1 - t0:.1f}s, measured in "
-                f"{time.perf_counter() - t1:.1f}s; test acc {metrics['test_acc']:.2f}%, "
-                f"Tr(G) {metrics['ggn_trace']:.4g}",
-            )
+            runs.append(_train_and_measure(
+                p, method.key, seed, ratios, root=root, datasets=(train_ds, test_ds), measure_ds=measure_ds,
+                eigen_ds=eigen_ds, samples=samples, max_steps=max_steps, device=device, progress=progress, log=log,
+                trust=trust, is_main=ctx.is_main,
+            ))
     level, at = matched_loss_trace({i: r.trace for i, r in enumerate(runs)})
     for i, r in enumerate(runs):
         r.metrics["ggn_trace_matched"] = at.get(i, math.nan)
