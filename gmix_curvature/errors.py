@@ -75,6 +75,10 @@ class TrainingInterrupted(RuntimeError):
         saved = f"its checkpoint is {checkpoint}" if checkpoint is not None else "nothing saved (no output directory)"
         super().__init__(f"stopped by {signal_name} after step {step} of {steps}; {saved}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, int, int, Path | None, Path | None]]:
+        # pickled whole, e.g. from a sweep's worker process to its parent
+        return type(self), (self.signal_name, self.step, self.steps, self.out, self.checkpoint)
+
 
 # What the CLI reports as one line (exit 2) instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError)
