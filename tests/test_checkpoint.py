@@ -104,6 +104,17 @@ def _sweep_dir(path):
     return path.parent / "sweep"
 
 
+def _table1_dir(path):
+    """A Table 1 output directory whose runs were interrupted: the malicious file is every run's checkpoint."""
+    from gmix_curvature.table1 import table1_preset
+
+    out = path.parent / "table1"
+    for method in table1_preset("micro").methods:
+        os.makedirs(out / f"{method}-seed0")
+        (out / f"{method}-seed0" / "checkpoint.pt").write_bytes(path.read_bytes())
+    return out
+
+
 # every command that reads a checkpoint: (id, argv given the malicious file)
 COMMANDS = {
     "trace": lambda p: ["trace", str(p), "--data", "digits", "--model", "mlp", "--model-kwargs", json.dumps(MLP_KW),
@@ -112,6 +123,8 @@ COMMANDS = {
     "theory": lambda p: ["theory", "--checkpoint", str(p), "--model", "mlp", "--num-samples", "16"],
     "sweep": lambda p: ["sweep", "digits", "--out", str(_sweep_dir(p)), "--axis", "seed=0", "--set", "steps=2",
                         "--no-plot"],
+    "table1": lambda p: ["table1", "--preset", "micro", "--seeds", "1", "--kappa-ratio", "1", "--out",
+                         str(_table1_dir(p)), "--no-plot", "--quiet"],
 }  # fmt: skip
 
 
@@ -125,7 +138,7 @@ def test_every_command_refuses_with_exit_2(command, malicious, capsys):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("command", ["train-resume", "sweep"])
+@pytest.mark.parametrize("command", ["train-resume", "sweep", "table1"])
 def test_the_opt_in_reaches_the_unpickler(command, tmp_path, capsys):
     """With --trust-checkpoint the file is unpickled in full (the payload runs: that is what trusting means), then
     refused as what it is, not a gmix training checkpoint."""
