@@ -78,12 +78,12 @@ def auto_rank(predicted_passes: float, num_params: int) -> int:
 
     >>> auto_rank(10, 10**5), auto_rank(64, 10**5), auto_rank(100, 10**5), auto_rank(10_000, 10**5)
     (0, 8, 12, 32)
-    >>> auto_rank(10_000, 124_000_000)  # GPT-2 small: a rank-4 sketch would not fit the memory budget
-    0
+    >>> auto_rank(10_000, 124_000_000), auto_rank(math.inf, 10**5)  # GPT-2 small: rank 4 would not fit
+    (0, 32)
     """
     if predicted_passes < AUTO_DEFLATE_MIN_PASSES:
         return 0
-    k = min(AUTO_MAX_RANK, int(predicted_passes / (4 * SKETCH_PASSES_PER_COLUMN)), SKETCH_MEMORY_BUDGET // num_params)
+    k = int(min(AUTO_MAX_RANK, predicted_passes / (4 * SKETCH_PASSES_PER_COLUMN), SKETCH_MEMORY_BUDGET // num_params))
     return k if k >= AUTO_MIN_RANK else 0
 
 
