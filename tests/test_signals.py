@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -267,3 +268,20 @@ def test_under_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_pat
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert_same_run(straight, out, steps=150)
+
+
+def test_train_in_another_thread_installs_no_handlers():
+    """Python takes signal handlers in the main thread only: elsewhere train() runs without them, and leaves them."""
+    before = signal.getsignal(signal.SIGTERM)
+    result, seen = [], []
+
+    def run():
+        cfg = TrainConfig(model="mlp", model_kwargs={"hidden": [4]}, batch_size=64, steps=2, device="cpu",
+                          progress=False, seed=0)  # fmt: skip
+        result.append(train(cfg, callback=lambda step, _: seen.append(signal.getsignal(signal.SIGTERM))))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+    assert result and result[0].steps == 2 and seen == [before]  # one evaluation, at the end
+    assert signal.getsignal(signal.SIGTERM) is before
