@@ -67,7 +67,7 @@ def _hardsigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 class _TwiceDifferentiable(TorchFunctionMode):
     """Calls of the listed functions (module or functional) go to a twice-differentiable composition."""
 
-    REPLACE = {F.hardsigmoid: _hardsigmoid}
+    REPLACE = {F.hardsigmoid: _hardsigmoid, torch._C._nn.hardsigmoid: _hardsigmoid}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         kwargs = kwargs or {}
