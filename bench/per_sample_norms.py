@@ -4,7 +4,9 @@ A pass is what every per-sample-norm estimator repeats: ``PerSampleNorms.forward
 ``norms(v)`` (per-sample squared norms ‖∂⟨f_i, v_i⟩/∂θ_l‖² of every parameter tensor, v of the output's
 shape). The floor is about one forward+backward (1×); the goals are ≤ 2.5× the time and ≤ 2× the peak memory.
 Each (model, method) runs in a FRESH process: one warm-up pass, then ``--reps`` timed passes (median), and
-the process's peak resident set size (VmHWM, torch itself included, the same for every method).
+the process's peak resident set size (VmHWM, torch itself included, the same for every method) — the goal's
+measure — beside the peak above the resident size before the first pass ("extra": what the pass adds to
+torch, the model and the batch).
 
 Methods: ``plain`` (forward, ``(f·v).sum().backward()``: the parameter gradients), ``rules`` (the default
 ``backend="auto"``: per-layer rules + module-local fallback), ``func`` (the whole-model torch.func path),
@@ -169,10 +171,16 @@ def make_pass(name: str, method: str, batch: int):
     return run
 
 
+def _status_mb(field: str) -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1]) / 1024
+
+
 def measure(name: str, method: str, batch: int, reps: int) -> dict:
-    """In this process: one warm-up pass, ``reps`` timed passes; median seconds and peak resident MB."""
+    """In this process: one warm-up pass, ``reps`` timed passes; median seconds, peak resident MB (VmHWM) and
+    the peak above the resident size before the first pass (torch, the model and the batch already there)."""
     try:
         run = make_pass(name, method, batch)
+        before = _status_mb("VmRSS")
         run()
         times = []
         for _ in range(reps):
@@ -181,8 +189,8 @@ def measure(name: str, method: str, batch: int, reps: int) -> dict:
             times.append(time.perf_counter() - t)
     except Exception as exc:  # a method refusing a model is a result of the benchmark
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:150]}"}
-    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1]
-    return {"seconds": statistics.median(times), "peak_mb": int(hwm) / 1024}
+    peak = _status_mb("VmHWM")
+    return {"seconds": statistics.median(times), "peak_mb": peak, "extra_mb": peak - before}
 
 
 def fresh(name: str, method: str, batch: int, reps: int) -> dict:
@@ -205,7 +213,8 @@ def main() -> None:
     methods = ["plain"] + [m for m in args.methods if m != "plain"]
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, float32, {args.reps} timed passes "
           "(median), each method in a fresh process")  # fmt: skip
-    print(f"{'model':9s} {'batch':>5s} {'method':9s} {'s/pass':>8s} {'× plain':>8s} {'peak MB':>8s} {'× plain':>8s}")
+    print(f"{'model':9s} {'batch':>5s} {'method':9s} {'s/pass':>8s} {'× plain':>8s} {'peak MB':>8s} {'× plain':>8s} "
+          f"{'extra MB':>9s} {'× plain':>8s}")  # fmt: skip
     results: dict = {}
     for name in args.models:
         batch = args.batch or BATCH[name]
@@ -219,8 +228,11 @@ def main() -> None:
             if "error" not in base:
                 r["time_ratio"] = r["seconds"] / base["seconds"]
                 r["memory_ratio"] = r["peak_mb"] / base["peak_mb"]
-            print(f"{name:9s} {batch:5d} {method:9s} {r['seconds']:8.3f} {r.get('time_ratio', float('nan')):8.2f} "
-                  f"{r['peak_mb']:8.0f} {r.get('memory_ratio', float('nan')):8.2f}", flush=True)  # fmt: skip
+                r["extra_ratio"] = r["extra_mb"] / max(base["extra_mb"], 1.0)
+            nan = float("nan")
+            print(f"{name:9s} {batch:5d} {method:9s} {r['seconds']:8.3f} {r.get('time_ratio', nan):8.2f} "
+                  f"{r['peak_mb']:8.0f} {r.get('memory_ratio', nan):8.2f} {r['extra_mb']:9.0f} "
+                  f"{r.get('extra_ratio', nan):8.2f}", flush=True)  # fmt: skip
     print(json.dumps(results))
 
 

@@ -255,6 +255,7 @@ class PerSampleNorms:
         self._logits: torch.Tensor | None = None
         self._records: list[tuple[Record, str, Any, dict[str, str]]] = []
         self._stops: list[torch.Tensor] = []
+        self._budget = [CACHE_BUDGET, 0]
 
     @property
     def routes(self) -> dict[str, str]:
@@ -289,7 +290,8 @@ class PerSampleNorms:
 
     def _hooked_forward(self, x: Any) -> torch.Tensor:
         n = _batch_size(x)
-        budget = [CACHE_BUDGET]  # unfolded conv inputs kept across the backward passes of this forward
+        # [elements left, backward passes done]: what the rules keep across the backward passes of this forward
+        budget = self._budget = [CACHE_BUDGET, 0]
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         modules = dict(self.model.named_modules())
 
@@ -433,7 +435,9 @@ class PerSampleNorms:
             torch.autograd.grad(self._logits, self._stops, grad_outputs=v.to(self._logits.dtype), retain_graph=True,
                                 allow_unused=True)  # fmt: skip
         with torch.no_grad():
-            return self._assemble(v)
+            out = self._assemble(v)
+        self._budget[1] += 1
+        return out
 
     def _assemble(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
         n = v.shape[0]

@@ -46,16 +46,19 @@ class Record:
     def g(self) -> torch.Tensor | None:
         return self.grads[0] if self.grads else None
 
-    def keep(self, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``make()`` once per forward pass: kept in ``cache`` for the next backward passes while the shared
-        element budget (``options["budget"]``, CACHE_BUDGET per forward pass) allows."""
+    def keep(self, key: str, make: Callable[[], Any]) -> Any:
+        """``make()`` (a tensor or a dict of tensors) computed once per forward pass from its second backward
+        pass on: kept in ``cache`` while the shared element budget allows (``options["budget"]``: [elements
+        left, backward passes done]; CACHE_BUDGET elements per forward pass). A forward pass followed by one
+        backward pass keeps nothing."""
         if key in self.cache:
             return self.cache[key]
         value = make()
         budget = self.options.get("budget")
-        if budget is not None and budget[0] >= value.numel():
+        size = sum(t.numel() for t in value.values()) if isinstance(value, dict) else value.numel()
+        if budget is not None and budget[1] > 0 and budget[0] >= size:
             self.cache[key] = value
-            budget[0] -= value.numel()
+            budget[0] -= size
         return value
 
 

@@ -56,8 +56,9 @@ class MultiheadAttentionRule(LayerRule):
     def _forward(self, rec: Record) -> dict[str, torch.Tensor]:
         """Q, K, V, the attention probabilities P and the context C of the recorded call (batch-first),
         kept between the backward passes of one forward pass while they fit the cache budget."""
-        if "attention" in rec.cache:
-            return rec.cache["attention"]
+        return rec.keep("attention", lambda: self._recompute(rec))
+
+    def _recompute(self, rec: Record) -> dict[str, torch.Tensor]:
         m: nn.MultiheadAttention = rec.module
         bound = _SIGNATURE.bind(m, *rec.args, **rec.kwargs)
         bound.apply_defaults()
@@ -87,13 +88,7 @@ class MultiheadAttentionRule(LayerRule):
             scores = scores + mask
         probs = scores.softmax(-1)
         context = (probs @ vh).transpose(1, 2).reshape(n, length, e)
-        out = {"q": q, "k": k, "v": v, "qh": qh, "kh": kh, "vh": vh, "p": probs, "c": context}
-        size = sum(t.numel() for t in out.values())
-        budget = rec.options.get("budget")
-        if budget is not None and budget[0] >= size:
-            rec.cache["attention"] = out
-            budget[0] -= size
-        return out
+        return {"q": q, "k": k, "v": v, "qh": qh, "kh": kh, "vh": vh, "p": probs, "c": context}
 
     def _backward(self, rec: Record) -> dict[str, torch.Tensor]:
         """The gradients at the projected queries, keys and values: the softmax attention's backward by hand."""
