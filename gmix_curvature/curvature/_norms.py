@@ -266,7 +266,8 @@ class PerSampleNorms:
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Run the model on a batch (a batch-first tensor, or a mapping of them passed as ``model(**x)``) and
         keep what the backward passes need; returns ``output_fn`` of the output, detached, of any shape."""
-        self._records, self._stops = [], []
+        # the previous batch's graph goes before this batch's is built (else both are alive at the peak)
+        self._records, self._stops, self._logits, self._x = [], [], None, None
         if self.backend == "hooks":
             try:
                 while True:
