@@ -93,7 +93,7 @@ def _plan(
     parameters; raises _Unsupported where the hooks cannot apply. A module in ``subtrees`` uses its
     children's parameters in its own forward (torchvision's Swin attention calls ``F.linear`` on
     ``self.qkv.weight``): the fallback takes it whole, its parameters and all its descendants'."""
-    names = {id(p): name for name, p in params.items() if p.requires_grad}
+    names = {id(p): name for name, p in params.items()}  # the parameters asked for, frozen or not
     registered: dict[int, list[str]] = {}  # parameter -> the modules that register it
     for mname, m in model.named_modules():
         for p in m.parameters(recurse=False):

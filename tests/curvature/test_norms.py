@@ -486,3 +486,19 @@ def test_vit_tokens_through_the_module_local_fallback(monkeypatch: pytest.Monkey
     got, want = psn.norms(v), ref.norms(v)
     for name in ("class_token", "encoder.pos_embedding", "conv_proj.weight"):
         torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0)
+
+
+def test_parameters_asked_for_are_measured_frozen_or_not() -> None:
+    """A frozen parameter in ``params`` gets its norm (as from the whole-model path); one left out gets none."""
+    model = _layer_norm_mlp().double()
+    model[0].weight.requires_grad_(False)
+    params = {k: p for k, p in model.named_parameters() if k != "5.bias"}
+    x = torch.randn(3, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    hooks, ref = PerSampleNorms(model, params), PerSampleNorms(model, params, "func")
+    out = hooks.forward(x)
+    ref.forward(x)
+    v = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    got, want = hooks.norms(v), ref.norms(v)
+    assert set(got) == set(params) and float(got["0.weight"].min()) > 0
+    for name in params:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0)
