@@ -340,3 +340,8 @@ def test_manifest_records_the_grid(tmp_path):
     run_sweep(BASE, grid=GRID, out=tmp_path, train_fn=FakeTrain(), plot=False, shard=(0, 4))
     manifest = json.loads((tmp_path / "sweep.json").read_text())
     assert manifest["cells"] == [c.name for c in grid_cells(GRID)] and manifest["preset"] is None
+
+
+def test_jobs_need_a_picklable_cell_function(tmp_path):
+    with pytest.raises(GmixError, match="jobs > 1 sends each cell to a worker process, but it cannot be pickled"):
+        run_sweep(BASE, grid=GRID, out=tmp_path, train_fn=lambda config, **kw: None, jobs=2)
