@@ -83,8 +83,6 @@ class Rule(Protocol):
 
     def applies(self, m: nn.Module) -> bool: ...
 
-    def output(self, out: Any) -> torch.Tensor: ...
-
     def params(self, m: nn.Module) -> dict[str, nn.Parameter]: ...
 
     def norms(self, rec: Record) -> dict[str, torch.Tensor]: ...
@@ -93,7 +91,8 @@ class Rule(Protocol):
 
 
 class LayerRule:
-    """Base of the rules: one module class, its own parameters, the first output tensor."""
+    """Base of the rules: one module class, its own parameters; the engine records the gradient at the first
+    floating-point tensor the module returns (MultiheadAttention: the attention output, not the weights)."""
 
     name = "layer"
     classes: tuple[type, ...] = ()
@@ -104,9 +103,6 @@ class LayerRule:
         if not any(type(m).forward is c.forward for c in self.classes):
             return False
         return all(k in self.param_names for k, _ in m.named_parameters(recurse=False))
-
-    def output(self, out: Any) -> torch.Tensor:
-        return out
 
     def params(self, m: nn.Module) -> dict[str, nn.Parameter]:
         return dict(m.named_parameters(recurse=False))

@@ -47,9 +47,6 @@ class MultiheadAttentionRule(LayerRule):
             and type(m.out_proj).forward is nn.Linear.forward
         )
 
-    def output(self, out: tuple) -> torch.Tensor:
-        return out[0]
-
     def params(self, m: nn.Module) -> dict[str, nn.Parameter]:
         return dict(m.named_parameters())
 
