@@ -275,7 +275,7 @@ class PerSampleNorms:
                         return self._hooked_forward(x)
                     except _Stray as exc:  # a module using its children's parameters: the fallback takes it whole
                         self._records, self._stops = [], []
-                        if "" in exc.holders:
+                        if "" in exc.holders or exc.holders <= self._subtrees:
                             raise _Unsupported(str(exc)) from None
                         self._subtrees = self._subtrees | exc.holders
                         self._plan = _plan(self.model, self.params, self._subtrees)
