@@ -148,7 +148,11 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> Any:
                 break
         else:
             raise FileNotFoundError(f"{path} is a directory without checkpoint.pt")
-    if _is_safetensors(path):
+    try:
+        is_safetensors = _is_safetensors(path)
+    except OSError as exc:  # e.g. permission denied
+        raise CheckpointError(f"{path} cannot be read: [Errno {exc.errno}] {exc.strerror}") from None
+    if is_safetensors:
         return _read_safetensors(path)
     try:
         with warnings.catch_warnings():  # "Detected pickle protocol 4": the refusal below says what matters
