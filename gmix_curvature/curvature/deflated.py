@@ -13,8 +13,9 @@ cross terms between the positions of one sample vanish in expectation) applied t
 
 the first from the per-sample-norm engine, the second from the k stored products J_i q_j. Q is drawn
 independently of the labels, so the estimate is unbiased given Q and hence unbiased. Where a few
-directions carry most of Tr(G) (a memorised batch) the residual's variance is far below that of
-``fisher_is``; where they do not (a model that generalises), the sketch costs 3k passes for little gain.
+directions carry most of Tr(G) and fisher_is is noisy along them, the residual's variance is far below
+that of ``fisher_is``; where they do not (a model that generalises), the sketch costs about 2k passes
+for little gain (measured: theory/DEFLATION.md §6).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ __all__ = [
     "SKETCH_PASSES_PER_COLUMN", "SKETCH_MEMORY_BUDGET",
 ]  # fmt: skip
 
-DEFAULT_RANK = 16  # sketch columns k: the cost is about 3k passes (k GGN-vector products + k JVPs)
+DEFAULT_RANK = 16  # sketch columns k: the cost is about 2k passes (k GGN-vector products + k JVPs)
 DEFAULT_PROBES = 8
 _COLUMN_CHUNK = 8  # sketch columns per vmapped product
 # The products J_i q_j of all batches are kept between probe rounds up to this many elements
@@ -196,7 +197,7 @@ def deflated_ggn_trace(
     """Tr(G) (Eq. 5; the mean over the counted predictions, theory/CURVATURE.md §8) as Tr(QᵀGQ) on a sketched
     rank-``rank`` subspace plus ``fisher_is`` on the projected gradients (module docstring; theory/DEFLATION.md).
 
-    Costs ``rank`` GGN-vector products and ``rank`` Jacobian-vector products (about 3·rank passes) before
+    Costs ``rank`` GGN-vector products and ``rank`` Jacobian-vector products (about 2·rank passes) before
     ``num_probes`` per-sample-norm passes (or, with ``target_rel_stderr``, as many as needed, at most
     ``max_probes``); ``rank=0`` is plain ``fisher_is``. The standard error is that of the residual: Tr(QᵀGQ)
     is exact given Q. ``extra["captured"]`` holds Tr(QᵀGQ), ``extra["captured_fraction"]`` its share of the
@@ -228,7 +229,7 @@ def deflated_ggn_trace(
         names = list(params)
         detached = {k: p.detach() for k, p in params.items()}
         device, dtype = model_device_dtype(model)
-        batches = list(as_batches(data, batch_size=batch_size, device=device, dtype=dtype))
+        batches = as_batches(data, batch_size=batch_size, device=device, dtype=dtype)  # re-iterable
         rank = min(rank, sum(p.numel() for p in params.values()))
 
         def predictions_of(y: torch.Tensor) -> Callable[[torch.Tensor], Predictions]:
