@@ -328,7 +328,8 @@ def main() -> None:
     ap.add_argument("--parts", default="sxuae")
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--sequences", type=int, default=128, help="held-out sequences of regime (i)")
+    ap.add_argument("--sequences", type=int, default=128, help="held-out sequences of regime (i) (regime (ii)'s "
+                    "windows are drawn after them from the same generator: measure (ii) with the default)")
     ap.add_argument("--memorised", type=int, default=16, help="sequences of regime (ii)")
     ap.add_argument("--train-steps", type=int, default=600)
     ap.add_argument("--memorise-from", choices=("scratch", "text"), default="scratch",
