@@ -16,6 +16,11 @@ if TYPE_CHECKING:
 __all__ = ["format_table1", "format_paired", "format_verdicts"]
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: its own pipes escaped."""
+    return text.replace("|", "\\|")
+
+
 def _num(x: float, fmt: str = "{:+.3g}") -> str:
     return fmt.format(x) if math.isfinite(x) else "—"
 
@@ -37,7 +42,8 @@ def format_paired(result: Table1Result) -> str:
     for c in result.comparisons:
         label = f"{METHOD[c.row].label} − {METHOD[c.reference].label}" if c.row in METHOD else c.row
         ci = f"[{_num(c.ci_low)}, {_num(c.ci_high)}]" if math.isfinite(c.ci_low) else "(no interval)"
-        lines.append(f"| {label} | {names.get(c.metric, c.metric)} | {_num(c.mean)} {ci} | {_num(c.d_z, '{:+.2f}')} "
+        name = _cell(names.get(c.metric, c.metric))
+        lines.append(f"| {label} | {name} | {_num(c.mean)} {ci} | {_num(c.d_z, '{:+.2f}')} "
                      f"| {_num(c.p_holm, '{:.2g}')} | {_num(c.mde, '{:.3g}')} |")
     return "\n".join(lines)
 
@@ -53,7 +59,7 @@ def format_verdicts(result: Table1Result) -> str:
     ]
     for v in result.verdicts:
         paper = f"{v.paper:+.2f}" if v.paper is not None else "direction"
-        lines.append(f"| {v.claim} | {v.effect()} | {paper} | **{v.verdict}** | {v.reason} |")
+        lines.append(f"| {_cell(v.claim)} | {v.effect()} | {paper} | **{v.verdict}** | {_cell(v.reason)} |")
     return "\n".join(lines)
 
 
