@@ -213,60 +213,66 @@ def test_in_process_stop_between_evaluations_resumes_exactly_and_restores_the_ha
 
 DDP_DRIVER = textwrap.dedent(
     """
-    # one torchrun rank: the uninterrupted run (train(), the process group kept), then `gmix train ARGS --out RUN`
-    # (each step at least 3 ms long); every rank prints its stop line, so the test can compare the steps
-    import dataclasses, os, sys, time
+    # one torchrun rank, one launch: the uninterrupted run (train()); `gmix train ARGS --out RUN`, each step at least
+    # 3 ms long, until a signal stops it (every rank prints its stop line and exit code, so the test can compare
+    # them; the process group is kept, as it cannot be set up twice in one launch); rank 0 records what the stop
+    # left on disk; then `gmix train ARGS --out RUN --resume`
+    import dataclasses, json, os, sys, time
     from pathlib import Path
+    import torch.distributed as dist
     import gmix_curvature.cli as cli
     import gmix_curvature.train as engine
     from gmix_curvature._cli.train import add_arguments, config_from_args
+    from gmix_curvature.checkpoint import read_checkpoint
 
-    tmp, straight, args = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
-    if straight != "-":
-        parser = cli.argparse.ArgumentParser()
-        add_arguments(parser)
-        config, _ = config_from_args(parser.parse_args(args))
-        engine.train(dataclasses.replace(config, out=straight))
-    (tmp / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
-    real_write = engine.Recorder.write
+    tmp, straight, out, args = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
+    parser = cli.argparse.ArgumentParser()
+    add_arguments(parser)
+    config, _ = config_from_args(parser.parse_args(args))
+    engine.train(dataclasses.replace(config, out=straight))
+    rank = os.environ["RANK"]
+    (tmp / f"pid{rank}").write_text(str(os.getpid()))
+    real_write, close = engine.Recorder.write, cli._close_process_group
 
     def slow_write(self, record):
         time.sleep(0.003)
         real_write(self, record)
 
     engine.Recorder.write = slow_write
-    cli._is_rank0 = lambda: True
-    code = cli.main(["train", *args])
+    cli._is_rank0, cli._close_process_group = (lambda: True), dist.barrier
+    code = cli.main(["train", *args, "--out", str(out)])
+    print(f"rank {rank} exit {code}", file=sys.stderr, flush=True)
+    if rank == "0":
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "step"]
+        stopped = {"checkpoint": read_checkpoint(out / "checkpoint.pt")["step"], "metrics": steps}
+        (tmp / "stopped.json").write_text(json.dumps(stopped))
+    dist.barrier()
+    engine.Recorder.write = real_write
+    code = cli.main(["train", *args, "--out", str(out), "--resume"])
+    close()
     sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code)  # main() tore the process group down; skip the interpreter's finalisation of gloo's threads
+    os._exit(code)  # the process group is torn down; skip the interpreter's finalisation of gloo's threads
     """
 )
 DDP_ARGS = [a if a not in ("32", "300") else {"32": "64", "300": "150"}[a] for a in ARGS]
 
 
-def torchrun(tmp_path, straight, *args):
-    driver = tmp_path / "ddp_driver.py"
+def test_under_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    out, straight, driver = tmp_path / "run", tmp_path / "straight", tmp_path / "ddp_driver.py"
     driver.write_text(DDP_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver),
-           str(tmp_path), straight, *DDP_ARGS, *args]  # fmt: skip
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def test_under_torchrun_a_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
-    out, straight = tmp_path / "run", tmp_path / "straight"
-    proc = torchrun(tmp_path, str(straight), "--out", str(out))
+           str(tmp_path), str(straight), str(out), *DDP_ARGS]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 10, proc)
     os.kill(int((tmp_path / "pid1").read_text()), signal.SIGUSR1)  # rank 1 only
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0, err[-2000:]  # torchrun reports its workers' exit code 75 as a failure
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]  # the resume's
     stops = re.findall(r"gmix train: stopped by SIGUSR1 after step (\d+) of 150", err)
     assert len(stops) == 2 and stops[0] == stops[1], err[-3000:]  # rank 0 too, at the same step
-    n = int(stops[0])
-    assert read_checkpoint(out / "checkpoint.pt")["step"] == n < 150
-    assert [r["step"] for r in rows(out) if r["kind"] == "step"] == list(range(1, n + 1))
-    resumed = torchrun(tmp_path, "-", "--out", str(out), "--resume")
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-3000:]
+    assert sorted(re.findall(r"rank (\d) exit (\d+)", err)) == [("0", "75"), ("1", "75")]
+    n, stopped = int(stops[0]), json.loads((tmp_path / "stopped.json").read_text())
+    assert stopped == {"checkpoint": n, "metrics": list(range(1, n + 1))} and n < 150
     assert_same_run(straight, out, steps=150)
 
 
