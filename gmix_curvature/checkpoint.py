@@ -100,7 +100,7 @@ def _pickle_globals(path: Path) -> list[str]:
     except Exception:  # not a pickle, or a truncated one: whatever was named before the damage
         pass
     unique = list(dict.fromkeys(names))
-    return sorted(unique, key=lambda n: n.split(".")[0] in ("torch", "collections", "builtins"))
+    return sorted(unique, key=lambda n: n.split(".")[0] in ("torch", "collections"))
 
 
 def _refusal(path: Path, exc: BaseException) -> CheckpointError:

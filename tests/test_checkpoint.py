@@ -52,20 +52,39 @@ def _plain_pickle(path, marker):  # not a torch.save file: pickle.dump at protoc
         pickle.dump({"state_dict": {"w": torch.zeros(2)}, "extra": ShellPayload(marker)}, f, protocol=4)
 
 
+class ExecPayload:
+    """Unpickling this calls exec, which creates the marker file (the payload of a builtin, beside tensors)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def _plain_pickle_exec(path, marker):
+    with open(path, "wb") as f:
+        pickle.dump({"w": torch.zeros(2), "extra": ExecPayload(marker)}, f, protocol=4)
+
+
 def _module_with_payload(path, marker):
     torch.save(PayloadModule(marker), path)
 
 
-MALICIOUS = {"dict-with-reduce": _dict_with_payload, "plain-pickle": _plain_pickle, "module": _module_with_payload}
+MALICIOUS = {"dict-with-reduce": _dict_with_payload, "plain-pickle": _plain_pickle,
+             "plain-pickle-exec": _plain_pickle_exec, "module": _module_with_payload}  # fmt: skip
+# what the one-line refusal names: the callable or class that would have run
+NAMED = {"dict-with-reduce": "posix.system", "plain-pickle": "posix.system", "plain-pickle-exec": "builtins.exec",
+         "module": f"{__name__}.PayloadModule"}  # fmt: skip
 
 
 @pytest.fixture(params=list(MALICIOUS))
 def malicious(request, tmp_path):
-    """(path, marker): a malicious checkpoint and the file its payload would create."""
+    """(path, marker, shape): a malicious checkpoint and the file its payload would create."""
     marker = tmp_path / "PAYLOAD-RAN"
     path = tmp_path / "evil.pt"
     MALICIOUS[request.param](path, marker)
-    return path, marker
+    return path, marker, request.param
 
 
 @pytest.mark.parametrize("shape", list(MALICIOUS))
@@ -74,7 +93,7 @@ def test_the_payloads_are_live(shape, tmp_path):
     marker, path = tmp_path / "ran", tmp_path / "evil.pt"
     MALICIOUS[shape](path, marker)
     with open(path, "rb") as f:
-        if shape == "plain-pickle":
+        if shape.startswith("plain-pickle"):
             pickle.load(f)
         else:
             torch.load(f, weights_only=False)
@@ -82,10 +101,11 @@ def test_the_payloads_are_live(shape, tmp_path):
 
 
 def test_load_checkpoint_refuses_in_one_line(malicious):
-    path, marker = malicious
+    path, marker, shape = malicious
     with pytest.raises(CheckpointError, match=r"needs full unpickling.*--trust-checkpoint \(trust=True\)") as e:
         load_checkpoint(path, model="mlp", input_shape=(1, 8, 8), model_kwargs=MLP_KW)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+    assert f"(it names {NAMED[shape]})" in str(e.value)
     assert not marker.exists()
 
 
@@ -130,7 +150,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_command_refuses_with_exit_2(command, malicious, capsys):
-    path, marker = malicious
+    path, marker, _ = malicious
     code = main(COMMANDS[command](path))
     err = capsys.readouterr().err.strip()
     assert code == 2
