@@ -17,7 +17,7 @@ from gmix_curvature.table1 import (
     judge_claims,
     table1_preset,
 )
-from gmix_curvature.table1.tables import format_verdicts
+from gmix_curvature.table1.tables import format_paired, format_verdicts
 from gmix_curvature.table1.verdict import FAILS, HOLDS, UNRESOLVED
 
 GAUSSIAN = PAPER_CLAIMS[1]
@@ -90,3 +90,8 @@ def test_paper_claims_use_the_papers_table_and_the_table_prints_them():
     premise = "| a large batch lowers test accuracy (the benchmark's premise) | -3 [-4, -2] | direction | **holds** |"
     assert premise in text
     assert "-1.5 [-1.8, -1.2] | -1.66 | **holds**" in text and "**does not hold**" in text
+    # the paired table says, per metric the paper has, whether its difference lies inside the interval
+    result.comparisons = comparisons
+    paired = format_paired(result).splitlines()
+    assert [line.rsplit("| ", 1)[-1].rstrip(" |") for line in paired[-3:]] == [
+        "-1.66: inside the interval", "-1.29: outside the interval", "—"]

@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from gmix_curvature.table1.methods import METHOD
+from gmix_curvature.table1.methods import METHOD, PAPER_TABLE1
 from gmix_curvature.table1.summary import PAIRED_METRICS
 
 if TYPE_CHECKING:
     from gmix_curvature.table1.records import Table1Result
+    from gmix_curvature.table1.stats import PairedDifference
 
 __all__ = ["format_table1", "format_paired", "format_verdicts"]
 
@@ -36,16 +37,27 @@ def format_paired(result: Table1Result) -> str:
         "smallest true difference the comparison detects with 80 % power at α = 0.05 (noncentral t, from the "
         "measured sd). ln: the difference of natural logs (ln of the ratio).",
         "",
-        "| comparison | metric | difference [95 % CI] | d_z | Holm p | detectable (80 % power) |",
-        "|---|---|---|---|---|---|",
+        "| comparison | metric | difference [95 % CI] | d_z | Holm p | detectable (80 % power) | paper's difference |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in result.comparisons:
         label = f"{METHOD[c.row].label} − {METHOD[c.reference].label}" if c.row in METHOD else c.row
         ci = f"[{_num(c.ci_low)}, {_num(c.ci_high)}]" if math.isfinite(c.ci_low) else "(no interval)"
         name = _cell(names.get(c.metric, c.metric))
         lines.append(f"| {label} | {name} | {_num(c.mean)} {ci} | {_num(c.d_z, '{:+.2f}')} "
-                     f"| {_num(c.p_holm, '{:.2g}')} | {_num(c.mde, '{:.3g}')} |")
+                     f"| {_num(c.p_holm, '{:.2g}')} | {_num(c.mde, '{:.3g}')} | {_paper_difference(c)} |")
     return "\n".join(lines)
+
+
+def _paper_difference(c: PairedDifference) -> str:
+    """The paper's difference for this comparison (|log Tr(G)| of Table 1 only) and whether the measured 95 %
+    interval contains it; "—" where the paper gives none."""
+    if c.metric not in ("abs_log_ggn_trace", "log_ggn_trace") or c.reference != "baseline" or c.row not in PAPER_TABLE1:
+        return "—"
+    delta = PAPER_TABLE1[c.row] - PAPER_TABLE1["baseline"]
+    if not math.isfinite(c.ci_low):
+        return f"{delta:+.2f} (no interval)"
+    return f"{delta:+.2f}: " + ("inside the interval" if c.ci_low <= delta <= c.ci_high else "outside the interval")
 
 
 def format_verdicts(result: Table1Result) -> str:
