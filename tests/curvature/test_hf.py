@@ -22,7 +22,7 @@ from gmix_curvature.curvature.reference import dense_jacobian, reference_loss
 transformers = pytest.importorskip("transformers")  # a dev extra: always installed where the tests run
 
 Z = 4.0  # a stochastic estimate may differ from the exact value by at most Z of its standard errors
-N, T, V = 3, 5, 64  # sequences, positions, vocabulary
+N, T, V = 3, 5, 32  # sequences, positions, vocabulary
 PROBES = 48
 
 
@@ -101,7 +101,8 @@ def test_exact_equals_the_dense_reference(case):
     r = exact_ggn_trace(model, (x, y))
     assert abs(r.value - want) / want < 1e-8
     assert r.n_samples == N and r.extra["n_predictions"] == int((y != -100).sum()) and not model.training
-    assert abs(ggn_trace(model, [(x, y)], "exact", batch_size=2).value - want) / want < 1e-8  # batches of 2
+    if case[0] == "gpt2":  # batches of 2 (once: exact costs P·V backward passes a batch)
+        assert abs(ggn_trace(model, [(x, y)], "exact", batch_size=2).value - want) / want < 1e-8
 
 
 def test_the_model_computes_what_the_toolkit_measures(case):
