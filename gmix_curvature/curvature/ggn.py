@@ -10,14 +10,17 @@ P·K ≤ ``AUTO_EXACT_MAX_CLASSES`` = 16 exact costs at most twice the pilot alo
 a pilot of ``AUTO_PILOT`` ``fisher_is`` probes runs and continues to the target; when that is predicted to
 take P·K passes or more, exact runs instead (the result records the pilot's cost) — but only where
 P·K ≤ ``AUTO_EXACT_MAX_PASSES`` = 1024. Beyond it (a language model: P·K ≥ 30k for a vocabulary of 30k–50k)
-exact is never chosen and ``fisher_is`` runs to the target or ``max_probes``. ``fisher_is`` for every loss:
-for cross-entropy its per-prediction variance does not grow with the model's confidence (§2), unlike
+exact is never chosen and ``fisher_is`` runs to the target or ``max_probes`` — unless its pilot predicts
+``AUTO_DEFLATE_MIN_PASSES`` = 64 passes or more: then ``fisher_is_deflated`` runs to the target with a sketch
+of rank ``auto_rank`` costing at most a quarter of them (theory/DEFLATION.md §5). ``fisher_is`` for every
+loss: for cross-entropy its per-prediction variance does not grow with the model's confidence (§2), unlike
 ``output_hutchinson``'s (§7: 14 % against 1.8 % a pass on a confident 100-class net); for ``bce`` the two
 coincide (one logit per prediction); for ``mse`` it samples one of the D equal columns of S = √(2/D) I.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from enum import Enum
 from typing import Any
@@ -31,6 +34,7 @@ from gmix_curvature.curvature._loss import Loss, get_loss
 from gmix_curvature.curvature._model import bn_mode_context, has_batchnorm, model_device_dtype
 from gmix_curvature.curvature._outputs import OutputFn, predictions
 from gmix_curvature.curvature._result import CurvatureResult
+from gmix_curvature.curvature.deflated import AUTO_DEFLATE_MIN_PASSES, auto_rank, deflated_ggn_trace
 from gmix_curvature.curvature.exact import exact_ggn_trace
 from gmix_curvature.curvature.hutchinson import hutchinson_ggn_trace
 from gmix_curvature.curvature.sampled import (
@@ -61,6 +65,7 @@ class GGNMethod(str, Enum):
     FISHER_MC = "fisher_mc"
     FISHER_IS = "fisher_is"
     OUTPUT_HUTCHINSON = "output_hutchinson"
+    FISHER_IS_DEFLATED = "fisher_is_deflated"
 
     @classmethod
     def parse(cls, name: str | GGNMethod) -> GGNMethod:
@@ -141,6 +146,7 @@ def ggn_trace(
             GGNMethod.FISHER_MC: fisher_mc_ggn_trace,
             GGNMethod.FISHER_IS: fisher_is_ggn_trace,
             GGNMethod.OUTPUT_HUTCHINSON: output_hutchinson_ggn_trace,
+            GGNMethod.FISHER_IS_DEFLATED: deflated_ggn_trace,
         }[m]
         return fn(model, data, num_probes=probes, backend=backend, **stochastic, **common)
     # auto
@@ -159,11 +165,13 @@ def ggn_trace(
         r.extra["auto"] = f"P·K = {passes} <= {AUTO_EXACT_MAX_CLASSES}: exact"
         return r
     affordable = passes <= AUTO_EXACT_MAX_PASSES
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    deflatable = not affordable and auto_rank(math.inf, num_params) > 0  # a sketch fits in memory
     try:
         r = run_per_sample(
             model, data, terms=_is_terms, method="fisher_is", num_probes=max(AUTO_PILOT, num_probes or 0),
             generator=generator, target_rel_stderr=target, max_probes=max_probes, backend=backend,
-            budget=passes - 1 if affordable else None, **common,
+            budget=passes - 1 if affordable else AUTO_DEFLATE_MIN_PASSES - 1 if deflatable else None, **common,
         )
         r.extra["auto"] = (
             f"fisher_is to {target:g} in {r.n_probes} passes < P·K = {passes}" if affordable else
@@ -171,6 +179,20 @@ def ggn_trace(
         )
         return r
     except OverBudget as over:
+        if deflatable:
+            predicted = over.sums.k + over.sums.needed(target, max_probes or 10_000)
+            rank = auto_rank(predicted, num_params)
+            r = deflated_ggn_trace(
+                model, data, rank=rank, num_probes=AUTO_PILOT, generator=generator, target_rel_stderr=target,
+                max_probes=max_probes, backend=backend, **common,
+            )
+            r.extra["auto"] = (
+                f"pilot of {over.sums.k} fisher_is passes (relative stderr {over.sums.rel_stderr():.3g}) predicted "
+                f"{predicted} >= {AUTO_DEFLATE_MIN_PASSES} passes to {target:g}: fisher_is_deflated, rank {rank}"
+            )
+            r.extra["pilot_passes"] = over.sums.k
+            r.seconds = time.perf_counter() - start
+            return r
         r = exact_ggn_trace(model, data, backend=backend, **common)
         r.extra["auto"] = (
             f"pilot of {over.sums.k} fisher_is passes (relative stderr {over.sums.rel_stderr():.3g}) predicted "

@@ -17,6 +17,7 @@ from gmix_curvature.curvature._loss import get_loss
 from gmix_curvature.curvature._model import kernel_context
 from gmix_curvature.curvature._norms import PerSampleNorms
 from gmix_curvature.curvature.deflated import _functional, _ggn_columns, _jvp_columns, deflated_ggn_trace, sketch_basis
+from gmix_curvature.curvature.ggn import ggn_trace
 from gmix_curvature.curvature.reference import dense_ggn
 from gmix_curvature.curvature.sampled import fisher_is_terms
 from gmix_curvature.errors import GmixError
@@ -231,3 +232,19 @@ def test_bad_input(kwargs: dict, match: str) -> None:
     y = kwargs.pop("y", y)
     with pytest.raises(GmixError, match=match):
         deflated_ggn_trace(net, (x, y), **({"rank": 2, "num_probes": 2, "generator": 0} | kwargs))
+
+
+@pytest.mark.montecarlo
+def test_auto_deflates_where_fisher_is_would_need_many_passes() -> None:
+    """A vocabulary of 130 over 8 positions: exact would take P·K = 1,040 > 1,024 passes a batch, and the
+    pilot predicts far more than AUTO_DEFLATE_MIN_PASSES fisher_is passes to 1 %: auto deflates, and agrees
+    with a long plain fisher_is run within SIGMAS combined standard errors."""
+    torch.manual_seed(0)
+    net = TinyLM(vocab=130, width=4, context=8).double().eval()
+    x = torch.randint(0, 130, (3, 8), generator=torch.Generator().manual_seed(0))
+    y = (x + 1) % 130
+    r = ggn_trace(net, (x, y), target_rel_stderr=0.01, generator=0)
+    assert r.method == "fisher_is_deflated" and f"fisher_is_deflated, rank {r.extra['rank']}" in r.extra["auto"]
+    assert r.extra["rank"] >= 8 and r.rel_stderr <= 0.01 and r.extra["pilot_passes"] == 8
+    plain = ggn_trace(net, (x, y), "fisher_is", num_probes=200, generator=1)
+    assert abs(r.value - plain.value) < SIGMAS * math.hypot(r.stderr, plain.stderr)
