@@ -12,6 +12,7 @@ from gmix_curvature.curvature import (
     CurvatureResult,
     EstimatorWarning,
     curvature_snapshot,
+    deflated_ggn_trace,
     empirical_fisher_trace,
     exact_ggn_trace,
     fisher_is_ggn_trace,
@@ -28,7 +29,15 @@ from gmix_curvature.curvature import (
 )
 from gmix_curvature.data import ArrayDataset, load_dataset
 from gmix_curvature.distributed import mixing_comm_hook
-from gmix_curvature.errors import CheckpointError, GmixError, TrainingDiverged
+from gmix_curvature.errors import (
+    CheckpointError,
+    GmixError,
+    RunLocked,
+    RunWriteError,
+    TrainingDiverged,
+    TrainingInterrupted,
+)
+from gmix_curvature.lock import run_lock
 from gmix_curvature.mixing import device_mixed_loss, expand_group_weights, mixed_loss, per_sample_gradients_loop
 from gmix_curvature.models import build_model
 from gmix_curvature.noise import (
@@ -49,6 +58,7 @@ from gmix_curvature.optim import (
     inverse_sqrt_lr,
     polynomial_lr,
 )
+from gmix_curvature.preemption import stop_on_signals
 from gmix_curvature.table1 import run_table1
 from gmix_curvature.theory import (
     eq18_second_moment,
@@ -93,6 +103,7 @@ __all__ = [
     "hutchinson_ggn_trace",
     "fisher_mc_ggn_trace",
     "fisher_is_ggn_trace",
+    "deflated_ggn_trace",
     "output_hutchinson_ggn_trace",
     "empirical_fisher_trace",
     "hessian_trace",
@@ -119,8 +130,14 @@ __all__ = [
     "build_model",
     "load_checkpoint",
     "save_checkpoint",
+    # runs: one writer, preemption
+    "run_lock",
+    "stop_on_signals",
     # errors
     "GmixError",
     "CheckpointError",
     "TrainingDiverged",
+    "TrainingInterrupted",
+    "RunLocked",
+    "RunWriteError",
 ]

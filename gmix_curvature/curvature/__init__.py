@@ -11,6 +11,7 @@ with torch's ``reduction="mean"`` (``CONVENTION``; theory/CURVATURE.md §8).
 """
 
 from gmix_curvature.curvature._result import CONVENTION, CurvatureResult, EstimatorWarning
+from gmix_curvature.curvature.deflated import deflated_ggn_trace
 from gmix_curvature.curvature.eigen import top_eigenvalues
 from gmix_curvature.curvature.empirical import empirical_fisher_trace
 from gmix_curvature.curvature.exact import exact_ggn_trace
@@ -32,6 +33,7 @@ __all__ = [
     "fisher_mc_ggn_trace",
     "fisher_is_ggn_trace",
     "output_hutchinson_ggn_trace",
+    "deflated_ggn_trace",
     # other curvature
     "empirical_fisher_trace",
     "hessian_trace",
