@@ -8,7 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gmix_curvature.data import DATASETS
 from gmix_curvature.errors import GmixError
+from gmix_curvature.models import MODELS
 
 HELP = "train a model with GradientMix (or the averaging baseline) and save metrics and checkpoints"
 
@@ -26,9 +28,9 @@ def _pair(text: str) -> tuple[float, float]:
 
 # (flag, TrainConfig field, type, help); every default comes from the preset, then from TrainConfig.
 _OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "architecture: digits_cnn, resnet18, resnet50, mlp or torchvision:NAME"),
-    ("--data", "data", str, "data set: digits (embedded), cifar10, cifar100, synthetic"),
-    ("--data-dir", "data_dir", str, "directory holding the data set's files (CIFAR: the python pickle folders)"),
+    ("--model", "model", str, "architecture: " + ", ".join(MODELS) + " or torchvision:NAME"),
+    ("--data", "data", str, "data set: " + ", ".join(DATASETS) + " (digits embedded, mnist1d generated)"),
+    ("--data-dir", "data_dir", str, "directory of the data set's files (CIFAR pickles, ImageFolder trees, Multi30k)"),
     ("--noise", "noise", str, "mixing weights (Eq. 12): none (plain averaging), gaussian, rademacher, dirichlet"),
     ("--kappa", "kappa", float, "κ, the standard deviation of each mixing weight π_b"),
     ("--kappa-ratio", "kappa_ratio", float, "r = κ·N relative to the mean weight 1/N (γ̄ = 1 + r²); instead of --kappa"),
