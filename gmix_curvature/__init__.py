@@ -29,6 +29,7 @@ from gmix_curvature.curvature import (
 )
 from gmix_curvature.data import ArrayDataset, load_dataset
 from gmix_curvature.distributed import mixing_comm_hook
+from gmix_curvature.dose_response import summarise_dose, write_dose_response
 from gmix_curvature.errors import (
     CheckpointError,
     GmixError,
@@ -59,6 +60,7 @@ from gmix_curvature.optim import (
     polynomial_lr,
 )
 from gmix_curvature.preemption import stop_on_signals
+from gmix_curvature.sweep import gather_sweep, run_sweep
 from gmix_curvature.table1 import run_table1
 from gmix_curvature.theory import (
     eq18_second_moment,
@@ -122,8 +124,12 @@ __all__ = [
     "theorem1_step_limit",
     "gradient_noise_scale",
     "run_theory_checks",
-    # Table 1
+    # Table 1, sweeps and the κ dose-response
     "run_table1",
+    "run_sweep",
+    "gather_sweep",
+    "summarise_dose",
+    "write_dose_response",
     # data, models, checkpoints
     "ArrayDataset",
     "load_dataset",
