@@ -28,7 +28,6 @@ by seed against the baseline of the same weight decay (runs of one seed share in
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -220,18 +219,10 @@ def _value(row: Mapping[str, Any], metric: DoseMetric) -> float:
 
 
 def _read_trace(cell_dir: Path) -> list[dict[str, float]]:
-    path = cell_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    recs = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if rec.get("kind") == "trace":
-            recs.append({k: float(v) for k, v in rec.items() if isinstance(v, int | float)})
-    return recs
+    """The along-training records of a cell (:func:`gmix_curvature.table1.measure.read_trace`), as floats."""
+    from gmix_curvature.table1.measure import read_trace
+
+    return [{k: float(v) for k, v in rec.items()} for rec in read_trace(str(cell_dir))]
 
 
 def _with_matched_loss(runs: list[dict[str, Any]], out: Path | None) -> list[dict[str, Any]]:

@@ -8,24 +8,13 @@ one CPU thread per cell, so that the results do not depend on the core count or 
 """
 
 from gmix_curvature.dose_response import dose_grid
+from gmix_curvature.table1.presets.tiny import TINY_TRAIN
 
 DESCRIPTION = "dose-response grid: digits CNN, batch 512, r = 0-4 x gaussian/rademacher x wd 5e-4/0, 6 seeds"
 
+# the training of Table 1's tiny preset (digits CNN, SGD, poly schedule, 60 epochs) at its large batch
 PRESET = {
-    "model": "digits_cnn",
-    "data": "digits",
-    "optimizer": "sgd",
-    "momentum": 0.9,
-    "lr": 0.1,
-    "lr_scaling": "linear",
-    "base_batch": 200,
-    "weight_decay": 5e-4,
-    "schedule": "poly",
-    "p_warmup": 1.0,
-    "p_decay": 2.0,
-    "lr_final": 0.0,
-    "epochs": 60,
-    "warmup_epochs": 6,
+    **{k: v for k, v in TINY_TRAIN.items() if k not in ("train_split", "eval_split")},
     "batch_size": 512,
     "trace_samples": 256,
 }
