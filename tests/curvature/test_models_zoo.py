@@ -262,8 +262,8 @@ def test_top_ggn_eigenvalue(case):
 
 @functools.cache
 def _fig3() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The toy-size Fig. 3 Transformer in eval mode, a padded batch, and the dense G and Hessian (H2's references,
-    the mean over counted tokens)."""
+    """The toy-size Fig. 3 Transformer in eval mode, a padded batch, and the dense G and Hessian (``reference.py``'s
+    dense references, the mean over counted tokens)."""
     torch.manual_seed(0)
     model = TransformerSeq2Seq(7, max_len=4, d_model=4, nhead=2, num_layers=1, dim_feedforward=8).double().eval()
     g = torch.Generator().manual_seed(0)
