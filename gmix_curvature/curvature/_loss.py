@@ -23,6 +23,7 @@ Everything is computed from logits in log space, so that saturated outputs stay 
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -70,7 +71,7 @@ def sample_categorical(logw: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class Loss:
+class Loss(abc.ABC):
     """A per-prediction loss ℓ(f, y) and its Hessian H = S Sᵀ in the logits f (rows of width K)."""
 
     name: ClassVar[str] = ""
@@ -78,52 +79,52 @@ class Loss:
     functional: ClassVar[str] = ""
 
     # --- layout ---------------------------------------------------------------------------------
+    @abc.abstractmethod
     def rows_layout(self, out: torch.Tensor, y: torch.Tensor) -> tuple[str, int, int]:
         """(layout, positions P, width K) of an output and its targets; raises GmixError on a mismatch."""
-        raise NotImplementedError
 
-    def check_targets(self, f: torch.Tensor, t: torch.Tensor) -> None:
-        """Check the counted targets t against their rows f (M, K)."""
+    def check_targets(self, f: torch.Tensor, t: torch.Tensor) -> None:  # noqa: B027 (optional: nothing to check)
+        """Check the counted targets t against their rows f (M, K); the default accepts them."""
 
     # --- per-prediction quantities on rows f (M, K) ---------------------------------------------
     def stats(self, f: torch.Tensor) -> Any:
         return f.detach()
 
+    @abc.abstractmethod
     def log_column_weights(self, s: Any) -> torch.Tensor:
         """log ‖S e_c‖² for every row and column, (M, K); their logsumexp is log Tr(H)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def column_unit(self, s: Any, c: torch.Tensor) -> torch.Tensor:
         """S e_c / ‖S e_c‖ for one column c per row, (M, K)."""
-        raise NotImplementedError
 
     def log_trace_h(self, s: Any) -> torch.Tensor:
         return torch.logsumexp(self.log_column_weights(s), dim=1)
 
+    @abc.abstractmethod
     def s_times(self, s: Any, u: torch.Tensor) -> torch.Tensor:
         """S u per row, (M, K)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def h_times(self, s: Any, a: torch.Tensor) -> torch.Tensor:
         """H a per row, (M, K)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def quadratic_form(self, s: Any, a: torch.Tensor) -> torch.Tensor:
         """aᵀ H a per row, (M,)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def model_gradient(self, s: Any, g: torch.Generator, diag: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(log ‖∇_f ℓ‖², ∇_f ℓ / ‖∇_f ℓ‖) at a label drawn from the model's predictive distribution
         (``fisher_mc``): E[∇ℓ ∇ℓᵀ] = H, and E[∇ℓ] = 0 (so the cross terms between positions vanish)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def target_gradient(self, s: Any, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(log ‖∇_f ℓ(f, t)‖², the unit gradient) at the data's targets (the empirical Fisher)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def total(self, f: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Σ_rows ℓ(f_row, t_row), differentiable in f."""
-        raise NotImplementedError
 
 
 def _shape(t: torch.Tensor | torch.Size) -> tuple[int, ...]:

@@ -14,6 +14,7 @@ module alone. The registry follows Opacus' ``opacus/grad_sample/`` (one small ru
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -90,7 +91,7 @@ class Rule(Protocol):
     def grads(self, rec: Record) -> dict[str, Factor | torch.Tensor] | None: ...
 
 
-class LayerRule:
+class LayerRule(abc.ABC):
     """Base of the rules: one module class, its own parameters; the engine records the gradient at the first
     floating-point tensor the module returns (MultiheadAttention: the attention output, not the weights)."""
 
@@ -107,8 +108,9 @@ class LayerRule:
     def params(self, m: nn.Module) -> dict[str, nn.Parameter]:
         return dict(m.named_parameters(recurse=False))
 
+    @abc.abstractmethod
     def norms(self, rec: Record) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """{parameter name: (n,) per-sample squared gradient norms} of one recorded use of the module."""
 
     def grads(self, rec: Record) -> dict[str, Factor | torch.Tensor] | None:
         return None  # no cheap per-sample gradients: tied uses go through the module-local fallback
