@@ -16,7 +16,10 @@ between positions included. Two backends:
   inputs and output gradient). Parameters that a non-leaf module uses directly are either registered
   batch-broadcast parameters (:data:`BROADCAST_PARAMS`: the ViT class token and position embedding; the
   parameter is replaced during its module's forward by a view expanded over the batch, whose gradient is
-  the per-sample gradient) or go to the fallback on their module with only those parameters substituted.
+  the per-sample gradient), or are found on the first forward pass to be *used directly* (:class:`_Direct`:
+  a bare position embedding ``x + self.pos[:t]``, timm's ``cls_token.expand(n, -1, -1)`` and ``x +
+  pos_embed``, ConvNeXt's layer scale; the same expansion, found by watching the module's operations), or
+  go to the fallback on their module with only those parameters substituted.
   A parameter used more than once (tied weights, a module called twice) gets the per-sample gradients of
   all its uses summed before the square: Σ_u ‖G^(u)‖² + 2 Σ_{u<u'} ⟨G^(u), G^(u')⟩, the cross terms from
   the factored (ghost) forms of Linear and Embedding uses (no per-sample (V, d) tensor), else from dense
@@ -43,6 +46,7 @@ taken as batched when its dim 0 is the batch size; modules are deterministic (ev
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,6 +76,10 @@ BROADCAST_PARAMS: set[tuple[str, str]] = {
 
 class _Unsupported(Exception):
     """The model cannot take the hooks backend (the reason is the message)."""
+
+
+class _Retry(Exception):
+    """The first forward pass found parameters with a direct use (:class:`_Direct`): run it again."""
 
 
 class _Stray(Exception):
@@ -212,6 +220,110 @@ class _Watch(TorchFunctionMode):
         return out
 
 
+# elementwise operations that broadcast their second operand over the first's batch dimension
+_BROADCAST_OPS = frozenset(
+    f"{pre}{op}{post}" for op in ("add", "sub", "mul", "div", "truediv") for pre, post in (("", ""), ("", "_"))
+) | frozenset(f"__{r}{op}__" for op in ("add", "sub", "mul", "truediv") for r in ("", "r", "i"))
+#: set False to send every parameter a non-leaf module uses directly to the module-local fallback
+DETECT_DIRECT = True
+
+
+def _distinct(t: torch.Tensor) -> bool:
+    """Whether every element of the view ``t`` is a distinct element of its base (no expanded dimension)."""
+    return all(st != 0 or sz <= 1 for st, sz in zip(t.stride(), t.shape)) and (
+        torch._debug_has_internal_overlap(t) == 0
+    )
+
+
+class _Direct(TorchFunctionMode):
+    """Parameters that a non-leaf module uses in its own forward, as a bare position embedding ``x +
+    self.pos[:t]`` or a class token ``self.cls.expand(n, -1, -1)`` (timm's ViT, nanoGPT-like code).
+
+    A use is *direct* when the parameter, or a view of it that holds each of its elements at most once
+    (slicing, reshaping, transposing), is (a) broadcast by an elementwise operation (``+ - * /``) against a
+    tensor whose dim 0 is the batch, or (b) expanded from a leading 1 to the batch size. Replacing the view
+    by its expansion over the batch (a new leaf, shape (N, …)) changes no value, and the gradient of that
+    leaf's slice i is sample i's gradient of the view: its squared norm is sample i's ‖∂/∂θ‖² (every element
+    of the parameter appears at most once in the view). With ``substitute`` False the mode only classifies
+    (``verdict``: name -> "direct" or why not); with it, it substitutes and calls ``record(name, leaf)``.
+    A parameter used more than once, or in any other way, keeps the module-local fallback."""
+
+    def __init__(self, params: dict[int, tuple[str, torch.Tensor]], n: int,
+                 record: Callable[[str, torch.Tensor], None] | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.params, self.n, self.record = params, n, record
+        self.derived: dict[int, tuple[str, torch.Tensor]] = {}  # id(view) -> (name, view): kept alive here
+        self.verdict: dict[str, str] = {}
+        self.count: dict[str, int] = {}
+
+    def _name(self, t: Any) -> str | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        hit = self.params.get(id(t)) or self.derived.get(id(t))
+        return hit[0] if hit is not None and hit[1] is t else None
+
+    def _reject(self, name: str, why: str) -> None:
+        self.verdict[name] = why
+        if self.record is not None:
+            raise _Unsupported(f"parameter {name!r} is used by {why} (its use changed between batches)")
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        flat = tree_flatten((args, kwargs))[0]
+        hits = [(self._name(t), t) for t in flat]
+        hits = [(name, t) for name, t in hits if name is not None]
+        if not hits:
+            return func(*args, **kwargs)
+        fname = getattr(func, "__name__", str(func))
+        name, d = hits[0]
+        if len(hits) > 1:
+            for other, _ in hits:
+                self._reject(other, f"{fname} with itself or another parameter")
+            return func(*args, **kwargs)
+        others = [t for t in flat if isinstance(t, torch.Tensor) and t is not d]
+        root = self.params[next(k for k, v in self.params.items() if v[0] == name)][1]
+        if fname == "expand" and not others:  # (b) a class token expanded over the batch
+            out = func(*args, **kwargs)
+            if d.dim() and d.shape[0] == 1 and out.dim() == d.dim() and out.shape[0] == self.n > 1 \
+                    and out.shape[1:] == d.shape[1:] and _distinct(d):  # fmt: skip
+                return self._use(name, d, tuple(out.shape), out)
+            self._reject(name, f"expand to {tuple(out.shape)}")
+            return out
+        if fname in _BROADCAST_OPS and len(others) == 1:  # (a) broadcast against the batch
+            x = others[0]
+            inplace_on_view = args and args[0] is d and (fname.endswith("_") or fname.startswith("__i"))
+            batched = x.dim() > 0 and x.shape[0] == self.n
+            shape = (1,) * (x.dim() - d.dim()) + tuple(d.shape)
+            if batched and not inplace_on_view and d.dim() <= x.dim() and shape[0] == 1 and _distinct(d):
+                full = (self.n, *shape[1:])
+                if self.record is None:
+                    self._use(name, d, full, None)
+                    return func(*args, **kwargs)
+                e = self._use(name, d.detach().reshape(shape), full, None)
+                swap = lambda t: e if t is d else t  # noqa: E731
+                return func(*tree_map(swap, args), **tree_map(swap, kwargs))
+            self._reject(name, f"{fname} (not broadcast over the batch)")
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and not others and (out is d or out._base is root):  # a view: follow it
+            self.derived[id(out)] = (name, out)
+        elif any(isinstance(t, torch.Tensor) for t in tree_flatten(out)[0]):
+            self._reject(name, fname)
+        return out
+
+    def _use(self, name: str, d: torch.Tensor, full: tuple[int, ...], out: torch.Tensor | None) -> Any:
+        self.count[name] = self.count.get(name, 0) + 1
+        if self.count[name] > 1:
+            self._reject(name, "more than one operation")
+        elif name not in self.verdict:
+            self.verdict[name] = "direct"
+        if self.record is None:
+            return out
+        e = d.detach().expand(full).requires_grad_()
+        self.record(name, e)
+        return e
+
+
 class PerSampleNorms:
     """Per-sample squared gradient norms of Σ_i ⟨f_i, v_i⟩ for many v, one forward pass shared.
 
@@ -242,6 +354,8 @@ class PerSampleNorms:
         self.reason: str | None = None  # why auto took torch.func
         self._plan: dict[str, tuple[str, Any, dict[str, str]]] = {}
         self._subtrees: frozenset[str] = frozenset()
+        self._direct: dict[str, tuple[str, str]] = {}  # parameter -> (module, local name): used directly
+        self._analysed = not DETECT_DIRECT
         if backend != "func":
             try:
                 self._plan = _plan(model, params)
@@ -259,8 +373,25 @@ class PerSampleNorms:
 
     @property
     def routes(self) -> dict[str, str]:
-        """{module name: "rule:<layer>" | "fallback" | "broadcast"} of the hooks backend ({} for torch.func)."""
-        return {} if self.backend == "func" else {name: r[0] for name, r in self._plan.items()}
+        """{module name: "rule:<layer>" | "fallback" | "broadcast"} of the hooks backend ({} for torch.func);
+        a parameter that its non-leaf module uses directly (:class:`_Direct`) appears under its own name as
+        "direct"."""
+        if self.backend == "func":
+            return {}
+        return {**{name: r[0] for name, r in self._plan.items()}, **{name: "direct" for name in self._direct}}
+
+    def _replan(self) -> None:
+        """The plan for the current subtrees, less the parameters found to be used directly."""
+        plan = _plan(self.model, self.params, self._subtrees)
+        for mname, k in self._direct.values():
+            if mname in plan:
+                route, rule, local = plan[mname]
+                local = {a: b for a, b in local.items() if a != k}
+                if local:
+                    plan[mname] = (route, rule, local)
+                else:
+                    del plan[mname]
+        self._plan = plan
 
     # forward -----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -273,12 +404,14 @@ class PerSampleNorms:
                 while True:
                     try:
                         return self._hooked_forward(x)
+                    except _Retry:
+                        self._records, self._stops = [], []
                     except _Stray as exc:  # a module using its children's parameters: the fallback takes it whole
                         self._records, self._stops = [], []
                         if "" in exc.holders or exc.holders <= self._subtrees:
                             raise _Unsupported(str(exc)) from None
                         self._subtrees = self._subtrees | exc.holders
-                        self._plan = _plan(self.model, self.params, self._subtrees)
+                        self._replan()
             except _Unsupported as exc:
                 self._records, self._stops = [], []
                 if self.requested == "hooks":
@@ -371,6 +504,26 @@ class PerSampleNorms:
             handles.append(m.register_forward_pre_hook(pre_hook(mname), with_kwargs=True))
             handles.append(m.register_forward_hook(post_hook(mname), with_kwargs=True))
         frozen = [(p, p.requires_grad) for p in self.model.parameters()]
+        direct, candidates = None, {}
+        if not self._analysed:  # the parameters of non-leaf modules on the fallback: any used directly?
+            for mname, (route, _, local) in self._plan.items():
+                m = modules[mname]
+                if route == "fallback" and mname not in self._subtrees and any(True for _ in m.children()):
+                    candidates.update({id(m.get_parameter(k)): (name, m.get_parameter(k), mname, k)
+                                       for k, name in local.items()})  # fmt: skip
+            if candidates:
+                direct = _Direct({i: c[:2] for i, c in candidates.items()}, n)
+        elif self._direct:
+
+            def record(name: str, e: torch.Tensor) -> None:
+                mname, k = self._direct[name]
+                rec = Record(modules[mname], (), {}, n, grads=[None])
+                e.register_hook(self._slot(rec, 0))
+                self._stops.append(e)
+                self._records.append((rec, "broadcast", None, {k: name}))
+
+            tracked = {id(p): (name, p) for name, p in self.params.items() if name in self._direct}
+            direct = _Direct(tracked, n, record)
         watch = None
         if not self._checked:
             owners: dict[int, set[str]] = {}
@@ -387,13 +540,8 @@ class PerSampleNorms:
                 p.requires_grad_(False)
             self._x = _leaves(x)
             self._stops.extend(t for t in _tensors(self._x) if t.requires_grad)
-            with torch.enable_grad():
-                if watch is not None:
-                    with watch:
-                        out = call_model(self.model, self._x)
-                else:
-                    out = call_model(self.model, self._x)
-                self._logits = self.output_fn(out)
+            with torch.enable_grad(), watch or contextlib.nullcontext(), direct or contextlib.nullcontext():
+                self._logits = self.output_fn(call_model(self.model, self._x))
         finally:
             for h in handles:
                 h.remove()
@@ -401,6 +549,13 @@ class PerSampleNorms:
                 p.requires_grad_(flag)
             for m, k, p in reversed(swapped):
                 m._parameters[k] = p
+        if candidates:
+            self._analysed = True
+            found = {c[0]: c[2:] for c in candidates.values() if direct.verdict.get(c[0]) == "direct"}
+            if found:
+                self._direct.update(found)
+                self._replan()
+                raise _Retry
         if watch is not None:
             if watch.stray:
                 names = {id(p): name for name, p in self.params.items()}

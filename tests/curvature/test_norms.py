@@ -97,6 +97,50 @@ class Block(nn.Module):
         return x + self.scale * torch.tanh(self.fc(x))
 
 
+class BarePositionLM(nn.Module):
+    """A GPT-style LM whose position embedding is a bare parameter of the model, ``x + self.pos[:t]`` (as in
+    bench/lm_trace.py and much hand-written code): a direct use, no module-local fallback on the whole model."""
+
+    def __init__(self, vocab: int = 13, d: int = 8, context: int = 10) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(context, d) * 0.1)
+        self.layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t, dtype=self.pos.dtype)
+        return self.head(self.layer(self.embed(ids) + self.pos[:t], src_mask=mask, is_causal=True))
+
+
+class TimmStyleViT(nn.Module):
+    """timm's layout: class token and position embedding are parameters of the model itself, used in its own
+    forward (``cls_token.expand(n, -1, -1)``, ``x + pos_embed``), a bias used twice, and a temperature used
+    through ``exp`` (neither of the last two is direct: they keep the fallback on the model)."""
+
+    def __init__(self, d: int = 8, patches: int = 4, classes: int = 5, extra: bool = False) -> None:
+        super().__init__()
+        self.extra = extra
+        self.patch = nn.Linear(12, d)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos_embed = nn.Parameter(torch.randn(1, patches + 1, d) * 0.1)
+        self.block = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(d, classes)
+        if extra:
+            self.twice = nn.Parameter(torch.linspace(-0.3, 0.3, d))
+            self.log_temp = nn.Parameter(torch.tensor(0.2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.patch(x.reshape(x.shape[0], -1, 12))
+        h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], 1) + self.pos_embed
+        h = self.block(h)
+        if self.extra:
+            h = torch.tanh(h + self.twice) + self.twice
+            h = h * self.log_temp.exp()
+        return self.head(h[:, 0])
+
+
 def _conv1d_net() -> nn.Module:
     return nn.Sequential(
         nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(),
@@ -226,8 +270,17 @@ CASES = [
               "encoder.layers.encoder_layer_0.self_attention": MHA, "encoder.ln": "rule:layer_norm",
               "heads.head": LINEAR}),
     NormCase("convnext", _convnext, lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
-             {"features.1.0": "fallback", "features.0.0": CONV, "features.0.1": "rule:layer_norm_2d",
-              "features.1.0.block.2": "rule:layer_norm", "features.1.0.block.3": LINEAR}, fallbacks=2),
+             {"features.1.0.layer_scale": "direct", "features.0.0": CONV, "features.0.1": "rule:layer_norm_2d",
+              "features.1.0.block.2": "rule:layer_norm", "features.1.0.block.3": LINEAR}),
+    NormCase("bare_position_lm", BarePositionLM, lambda g: _ids(g, 4, 6, 13),
+             {"pos": "direct", "embed": "rule:embedding", "layer.self_attn": MHA, "head": LINEAR}),
+    NormCase("bare_position_lm_trained", BarePositionLM, lambda g: _ids(g, 4, 6, 13), {"pos": "direct"},
+             trained=True),
+    NormCase("timm_style_vit", TimmStyleViT, lambda g: torch.randn(3, 4, 12, generator=g, dtype=torch.float64),
+             {"cls_token": "direct", "pos_embed": "direct", "patch": LINEAR, "block.self_attn": MHA}),
+    NormCase("timm_style_vit_other_uses", lambda: TimmStyleViT(extra=True),
+             lambda g: torch.randn(3, 4, 12, generator=g, dtype=torch.float64),
+             {"cls_token": "direct", "pos_embed": "direct", "": "fallback"}, fallbacks=1),
     NormCase("swin", _swin, lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
              {"features.1.0.attn": "fallback", "features.3.0.attn": "fallback", "features.1.0.mlp.0": LINEAR,
               "features.1.0.norm1": "rule:layer_norm", "features.2.reduction": LINEAR}, fallbacks=2),
@@ -242,7 +295,7 @@ CASES = [
     NormCase("conv3d", _conv3d_net, lambda g: torch.randn(3, 2, 4, 4, 4, generator=g, dtype=torch.float64),
              {"0": "fallback", "3": LINEAR}, fallbacks=1),
     NormCase("custom_layer", _custom, lambda g: torch.randn(4, 4, generator=g, dtype=torch.float64),
-             {"0": LINEAR, "1": "fallback", "2": "fallback", "2.fc": LINEAR, "3": LINEAR}, fallbacks=2),
+             {"0": LINEAR, "1": "fallback", "2.scale": "direct", "2.fc": LINEAR, "3": LINEAR}, fallbacks=1),
 ]  # fmt: skip
 
 
@@ -468,17 +521,24 @@ def test_total_norms_match_opacus_ghost_clipping() -> None:
     torch.testing.assert_close(ours, gsm.get_norm_sample(), rtol=1e-12, atol=0)
 
 
-def test_vit_tokens_through_the_module_local_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("detect", [True, False], ids=["direct", "fallback"])
+def test_vit_tokens_without_the_registered_expansion(monkeypatch: pytest.MonkeyPatch, detect: bool) -> None:
     """Without the registered batch expansion, the class token (owned by the model itself) and the position
-    embedding (owned by the encoder) go through the fallback on their modules, with only those parameters
-    substituted, and still equal the whole-model path."""
+    embedding (owned by the encoder) are found to be used directly (expanded over the batch, broadcast against
+    it); with that detection off too, they go through the fallback on their modules, with only those
+    parameters substituted. Both equal the whole-model path."""
     import gmix_curvature.curvature._norms as norms
 
     monkeypatch.setattr(norms, "BROADCAST_PARAMS", set())
+    monkeypatch.setattr(norms, "DETECT_DIRECT", detect)
     model, x, g, params = _materialise(next(c for c in CASES if c.name == "vit"))
     psn = PerSampleNorms(model, params)
     out = psn.forward(x)
-    assert psn.routes[""] == psn.routes["encoder"] == "fallback"
+    if detect:
+        assert psn.routes["class_token"] == psn.routes["encoder.pos_embedding"] == "direct"
+        assert "fallback" not in psn.routes.values()
+    else:
+        assert psn.routes[""] == psn.routes["encoder"] == "fallback"
     assert psn.routes["conv_proj"] == "rule:conv"
     v = torch.randn(out.shape, generator=g, dtype=out.dtype)
     ref = PerSampleNorms(model, params, "func")
@@ -502,3 +562,56 @@ def test_parameters_asked_for_are_measured_frozen_or_not() -> None:
     assert set(got) == set(params) and float(got["0.weight"].min()) > 0
     for name in params:
         torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0)
+
+
+class OneUse(nn.Module):
+    """A Linear child and one parameter of the module's own, used as ``use(h, p)``."""
+
+    def __init__(self, shape: tuple[int, ...], use: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.p = nn.Parameter(torch.linspace(-0.5, 0.7, math.prod(shape)).reshape(shape))
+        self.use = use
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.use(torch.tanh(self.fc(x)), self.p).sum(1)
+
+
+# (id, shape of p, use, its route): x is (N=3, T=5, 4)
+DIRECT_USES = [
+    ("add", (4,), lambda h, p: h + p, "direct"),
+    ("radd_sliced", (7, 4), lambda h, p: p[:5] + h, "direct"),
+    ("mul_transposed", (4, 5), lambda h, p: h * p.t(), "direct"),
+    ("div_leading_one", (1, 5, 4), lambda h, p: h / (2 + 0 * h + p.exp()), "fallback"),
+    ("inplace_add_on_h", (5, 4), lambda h, p: h.clone().add_(p), "direct"),
+    ("expand_overlapping", (1, 4), lambda h, p: h + p.expand(5, 4), "fallback"),
+    ("used_twice", (4,), lambda h, p: torch.tanh(h + p) * p, "fallback"),
+    ("gathered", (9, 4), lambda h, p: h + p[torch.tensor([0, 2, 4, 6, 8])], "fallback"),
+    ("not_over_the_batch", (3, 1, 4), lambda h, p: h + p, "fallback"),
+    ("matmul", (4, 4), lambda h, p: h @ p, "fallback"),
+]
+
+
+@pytest.mark.parametrize("shape, use, route", [c[1:] for c in DIRECT_USES], ids=[c[0] for c in DIRECT_USES])
+def test_direct_uses_are_found_and_others_keep_the_fallback(shape: tuple, use: Callable, route: str) -> None:
+    """Only a single broadcast over the batch of a view holding each element once is taken as direct; every
+    other use keeps the module-local fallback. Both equal the whole-model path."""
+    state = torch.random.get_rng_state()
+    torch.random.manual_seed(0)
+    model = OneUse(shape, use).double()
+    torch.random.set_rng_state(state)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
+    hooks, ref = PerSampleNorms(model, params), PerSampleNorms(model, params, "func")
+    out = hooks.forward(x)
+    assert hooks.routes.get("p" if route == "direct" else "") == route, hooks.routes
+    ref.forward(x)
+    for _ in range(2):
+        x2 = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)  # a second batch: the substitution again
+        out = hooks.forward(x2)
+        ref.forward(x2)
+        v = torch.randn(out.shape, generator=g, dtype=out.dtype)
+        got, want = hooks.norms(v), ref.norms(v)
+        for name in params:
+            torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0, msg=name)
