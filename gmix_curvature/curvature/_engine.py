@@ -53,6 +53,9 @@ _GOLDEN = 0x9E3779B97F4A7C15
 # A standard error estimated from fewer probe values is too unreliable to stop on: per-probe values of a
 # confident model are heavy-tailed or discrete (one dominant sample), and 4 equal values happen.
 MIN_PROBES_FOR_TARGET = 8
+# ... unless it rests on the per-sample terms (ProbeSums.sample_eff): with the variance spread over this many
+# samples or more, 2 probes suffice (a relative error of the standard error of about 1/√(2·30) = 13 %).
+MIN_SAMPLE_EFF = 30.0
 # terms(predictions of a batch, generator of this probe on this batch, diagnostics) -> (w (N,), v output-shaped)
 TermFn = Callable[[Predictions, torch.Generator, dict], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
@@ -92,26 +95,77 @@ def check_probes(num_probes: int | None, target_rel_stderr: float | None, max_pr
 @dataclass
 class ProbeSums:
     """Per-probe sums over the counted predictions of a stochastic estimate (total and per parameter); a
-    probe's value is its sum / n."""
+    probe's value is its sum / n.
+
+    The standard error. A probe's total is a sum of per-sample terms X_i drawn independently for every sample
+    (fresh labels, signs or probes per sample), so Var(total) = Σ_i Var(X_i). Where the engine passes the
+    per-sample terms of each probe, Var(X_i) is estimated for every sample from its k values (s_i², unbiased)
+    and the standard error of the mean is √(Σ_i s_i² / k) / n: the same quantity as the spread of the k probe
+    totals, with up to N(k − 1) degrees of freedom instead of k − 1. How many samples carry the variance is
+    ``sample_eff`` = (Σ s_i²)² / Σ s_i⁴ (Satterthwaite's degrees of freedom are (k − 1) times it, for Gaussian
+    terms); it is small where a few samples carry the variance (a confident model's samples near a decision
+    boundary; fisher_mc's rare draws off the predicted class, where each carrying sample is one rare event, so
+    that the (k − 1) factor would overstate the reliability). The per-sample standard error is used when
+    ``sample_eff`` ≥ ``MIN_SAMPLE_EFF``, else the spread of the probe totals (theory/CURVATURE.md §9).
+    Per-parameter standard errors always come from the probe totals."""
 
     names: list[str]
     totals: list[float] = field(default_factory=list)
     blocks: list[list[float]] = field(default_factory=list)
     n: int = 0  # counted predictions: the divisor of every value
     n_samples: int = 0
+    s1: torch.Tensor | None = None  # Σ_j X_ij and Σ_j X_ij² over the probes, per sample of this rank
+    s2: torch.Tensor | None = None
+    sample_var: float | None = None  # Σ_i s_i² over all ranks: the variance of one probe's total
+    sample_eff: float = 0.0
 
-    def add(self, totals: torch.Tensor, blocks: torch.Tensor, n: int, n_samples: int | None = None) -> None:
+    def add(
+        self, totals: torch.Tensor, blocks: torch.Tensor, n: int, n_samples: int | None = None,
+        per_sample: torch.Tensor | None = None,
+    ) -> None:  # fmt: skip
+        """Add a round of k probes: their totals (k,), blocks (k, params), and optionally the per-sample terms
+        (k, samples of this rank) whose sum over samples is ``totals`` (all ranks must pass them or none)."""
         self.totals += [float(t) for t in totals]
         self.blocks += blocks.tolist()
         self.n = n
         self.n_samples = n if n_samples is None else n_samples
+        if per_sample is None:
+            self.s1 = self.s2 = self.sample_var = None
+            return
+        x = per_sample.detach().to("cpu", torch.float64)
+        first = self.k == len(totals)
+        if not first and (self.s1 is None or self.s1.shape != x.shape[1:]):
+            self.s1 = self.s2 = self.sample_var = None
+            return
+        self.s1 = x.sum(0) if first else self.s1 + x.sum(0)
+        self.s2 = x.square().sum(0) if first else self.s2 + x.square().sum(0)
+        if self.k < 2:
+            return
+        var = ((self.s2 - self.s1.square() / self.k) / (self.k - 1)).clamp_min(0)
+        stats = all_reduce_sum(torch.stack([var.sum(), var.square().sum()]))
+        self.sample_var = float(stats[0])
+        q = float(stats[1])
+        self.sample_eff = self.sample_var**2 / q if q > 0 else 0.0
 
     @property
     def k(self) -> int:
         return len(self.totals)
 
+    @property
+    def per_sample_se(self) -> bool:
+        """Whether the standard error rests on the per-sample terms (see the class docstring)."""
+        return self.sample_var is not None and self.k >= 2 and self.sample_eff >= MIN_SAMPLE_EFF
+
+    def stderr_basis(self) -> dict[str, Any]:
+        """What the standard error rests on, for a result's ``extra``: the per-sample terms or the probe totals,
+        and how many samples carry the variance (``sample_eff``; 0 where the terms were not kept)."""
+        basis = "per-sample terms" if self.per_sample_se else "probe totals"
+        return {"stderr_basis": basis, "stderr_samples": self.sample_eff if self.sample_var is not None else 0.0}
+
     def value(self) -> tuple[float, float | None]:
         t = torch.tensor(self.totals, dtype=torch.float64) / self.n
+        if self.per_sample_se:
+            return float(t.mean()), math.sqrt(self.sample_var / self.k) / self.n
         se = float(t.std() / math.sqrt(self.k)) if self.k >= 2 else None
         return float(t.mean()), se
 
@@ -163,12 +217,17 @@ def run_rounds(
     error reaches it (or ``max_probes`` ran). ``run_round(seeds)`` returns all-reduced per-probe sums.
     With ``budget``, raise :class:`OverBudget` as soon as the target is predicted to need more probes."""
     sums = ProbeSums(names)
-    todo = max(num_probes, MIN_PROBES_FOR_TARGET) if target_rel_stderr is not None else num_probes
+    todo = max(num_probes, 2) if target_rel_stderr is not None else num_probes
     while todo > 0:
         sums.add(*run_round(probe_seeds(gen, todo)))
-        todo = sums.needed(target_rel_stderr, max_probes) if target_rel_stderr is not None else 0
-        if budget is not None and sums.k + todo > budget:
-            raise OverBudget(sums)
+        if target_rel_stderr is None:
+            break
+        if sums.per_sample_se or sums.k >= MIN_PROBES_FOR_TARGET:
+            todo = sums.needed(target_rel_stderr, max_probes)
+            if budget is not None and sums.k + todo > budget:
+                raise OverBudget(sums)
+        else:  # a standard error from the spread of the probe totals: not before 8 of them
+            todo = max(0, min(MIN_PROBES_FOR_TARGET, max_probes) - sums.k)
     return sums
 
 
@@ -306,6 +365,7 @@ def run_per_sample(
             k = len(seeds)
             totals = torch.zeros(k, dtype=torch.float64, device=device)
             blocks = torch.zeros(k, len(names), dtype=torch.float64, device=device)
+            per_sample: list[torch.Tensor] = []  # (k, N) per batch: the per-sample terms of each probe
             n = n_samples = 0
             for idx, x, y in _progress(batches, method, progress):
                 pb = make_predictions(psn.forward(x), y, loss_, ignore_index, recount)
@@ -314,12 +374,16 @@ def run_per_sample(
                     continue
                 n += pb.count
                 zero = torch.zeros(pb.n_samples, dtype=pb.f.dtype, device=device)
+                mine = torch.zeros(k, pb.n_samples, dtype=torch.float64, device=device)
                 for j, seed in enumerate(seeds):
                     for w, v in terms(pb, batch_generator(seed, idx), diag):
                         norms = psn.norms(v)
                         passes[0] += 1
                         stacked = torch.stack([norms[name] if name in norms else zero for name in names])
-                        blocks[j] += (stacked * w).sum(1, dtype=torch.float64)
+                        weighted = (stacked * w).double()
+                        blocks[j] += weighted.sum(1)
+                        mine[j] += weighted.sum(0)
+                per_sample.append(mine)
             totals = blocks.sum(1)
             n_all = int(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
             s_all = int(all_reduce_sum(torch.tensor(float(n_samples), dtype=torch.float64)).item())
@@ -327,7 +391,8 @@ def run_per_sample(
                 raise GmixError("the data is empty: no samples to measure curvature on")
             if n_all == 0:
                 raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
-            return all_reduce_sum(totals).cpu(), all_reduce_sum(blocks).cpu(), n_all, s_all
+            per = torch.cat(per_sample, 1) if per_sample else torch.zeros(k, 0, dtype=torch.float64)
+            return all_reduce_sum(totals).cpu(), all_reduce_sum(blocks).cpu(), n_all, s_all, per
 
         if exact:
             sums = ProbeSums(names)
@@ -344,6 +409,7 @@ def run_per_sample(
     }  # fmt: skip
     if not exact:
         extra["probe_values"] = sums.probe_values()
+        extra.update(sums.stderr_basis())
     if target_rel_stderr is not None:
         extra["target_rel_stderr"] = target_rel_stderr
     return CurvatureResult(

@@ -294,6 +294,7 @@ def deflated_ggn_trace(
         def run_round(seeds: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, int, int]:
             totals = torch.zeros(len(seeds), dtype=torch.float64)
             blocks = torch.zeros(len(seeds), len(names), dtype=torch.float64)
+            per_sample = []  # (k, N) per batch: the residual's per-sample terms (ProbeSums' standard error)
             for idx, x, y in batches:
                 out = psn.forward(x)
                 pb = predictions_of(y)(out)
@@ -301,6 +302,7 @@ def deflated_ggn_trace(
                     continue
                 jq = jq_of(idx, x, out).flatten(2)  # (k, N, rest)
                 zero = torch.zeros(pb.n_samples, dtype=torch.float64, device=out.device)
+                mine = torch.zeros(len(seeds), pb.n_samples, dtype=torch.float64)
                 for j, seed in enumerate(seeds):
                     for w, v in fisher_is_terms(pb, batch_generator(seed, idx), {}):
                         norms = psn.norms(v)
@@ -308,8 +310,12 @@ def deflated_ggn_trace(
                         proj = (jq * v.flatten(1)).sum(-1).double()  # (k, N): ⟨J_i q_j, v_i⟩
                         w = w.double()
                         blocks[j] += (per * w).sum(1).cpu()
-                        totals[j] += ((per.sum(0) - proj.square().sum(0)) * w).sum().cpu()
-            return all_reduce_sum(totals) + captured_sum, all_reduce_sum(blocks), n_pred, n_samples
+                        terms = ((per.sum(0) - proj.square().sum(0)) * w).cpu()
+                        totals[j] += terms.sum()
+                        mine[j] += terms
+                per_sample.append(mine)
+            per = torch.cat(per_sample, 1) if per_sample else torch.zeros(len(seeds), 0, dtype=torch.float64)
+            return all_reduce_sum(totals) + captured_sum, all_reduce_sum(blocks), n_pred, n_samples, per
 
         sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000)
     value, stderr = sums.value()
@@ -325,6 +331,7 @@ def deflated_ggn_trace(
         "captured_seconds": captured_seconds,
         "n_predictions": n_pred,
         "probe_values": sums.probe_values(),
+        **sums.stderr_basis(),
     }
     if target_rel_stderr is not None:
         extra["target_rel_stderr"] = target_rel_stderr

@@ -5,9 +5,11 @@ The auto rule (measurements in theory/CURVATURE.md §6, §8): a per-sample-norm 
 serves the exact method (P·K passes per batch: one per position and class, P predictions of width K per
 sample, K = C classes for cross-entropy) or one probe of ``fisher_is``. The stochastic estimate to a
 relative standard error r needs about (relative sd of a pass / r)² passes, and the relative sd of a pass
-falls as 1/√n. A standard error needs at least ``AUTO_PILOT`` = 8 probe values to be trusted, so with
-P·K ≤ ``AUTO_EXACT_MAX_CLASSES`` = 16 exact costs at most twice the pilot alone and runs directly; otherwise
-a pilot of ``AUTO_PILOT`` ``fisher_is`` probes runs and continues to the target; when that is predicted to
+falls as 1/√n. A standard error from the spread of probe totals needs at least ``AUTO_PILOT`` = 8 of them to
+be trusted, so with P·K ≤ ``AUTO_EXACT_MAX_CLASSES`` = 16 exact costs at most twice the pilot alone and runs
+directly; otherwise a pilot of ``fisher_is`` probes runs and continues to the target — its first round is
+``AUTO_FIRST_ROUND`` = 2 probes, enough where the standard error rests on the per-sample terms (many samples
+carry the variance, theory/CURVATURE.md §9), else it runs ``AUTO_PILOT`` before deciding; when that is predicted to
 take P·K passes or more, exact runs instead (the result records the pilot's cost) — but only where
 P·K ≤ ``AUTO_EXACT_MAX_PASSES`` = 1024. Beyond it (a language model: P·K ≥ 30k for a vocabulary of 30k–50k)
 exact is never chosen and ``fisher_is`` runs to the target or ``max_probes`` — unless its pilot predicts
@@ -47,10 +49,12 @@ from gmix_curvature.curvature.sampled import (
 from gmix_curvature.errors import GmixError
 
 __all__ = [
-    "GGNMethod", "ggn_trace", "AUTO_PILOT", "AUTO_EXACT_MAX_CLASSES", "AUTO_EXACT_MAX_PASSES", "DEFAULT_TARGET",
+    "GGNMethod", "ggn_trace", "AUTO_PILOT", "AUTO_FIRST_ROUND", "AUTO_EXACT_MAX_CLASSES", "AUTO_EXACT_MAX_PASSES",
+    "DEFAULT_TARGET",
 ]  # fmt: skip
 
 AUTO_PILOT = 8  # = MIN_PROBES_FOR_TARGET: fewer probe values give no trustworthy standard error
+AUTO_FIRST_ROUND = 2  # the first round: enough where the standard error rests on the per-sample terms (§9)
 AUTO_EXACT_MAX_CLASSES = 2 * AUTO_PILOT  # exact costs P·K passes: at most twice the pilot alone
 AUTO_EXACT_MAX_PASSES = 1024  # beyond this many passes per batch exact is never chosen
 DEFAULT_TARGET = 0.01  # the "1 %" of the goals
@@ -169,7 +173,7 @@ def ggn_trace(
     deflatable = not affordable and auto_rank(math.inf, num_params) > 0  # a sketch fits in memory
     try:
         r = run_per_sample(
-            model, data, terms=_is_terms, method="fisher_is", num_probes=max(AUTO_PILOT, num_probes or 0),
+            model, data, terms=_is_terms, method="fisher_is", num_probes=num_probes or AUTO_FIRST_ROUND,
             generator=generator, target_rel_stderr=target, max_probes=max_probes, backend=backend,
             budget=passes - 1 if affordable else AUTO_DEFLATE_MIN_PASSES - 1 if deflatable else None, **common,
         )

@@ -28,8 +28,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from gmix_curvature.curvature._data import as_batches, slice_input
+from gmix_curvature.curvature._loss import Loss
 from gmix_curvature.curvature._model import bn_mode_context, kernel_context, model_device_dtype
-from gmix_curvature.curvature._outputs import call_model
+from gmix_curvature.curvature._outputs import OutputFn, call_model
 from gmix_curvature.curvature._result import CurvatureResult
 from gmix_curvature.curvature.ggn import ggn_trace
 from gmix_curvature.errors import GmixError
@@ -255,6 +256,9 @@ def scale_invariant_sharpness(
     method: str = "exact",
     bn_mode: str = "eval",
     batch_size: int | None = None,
+    loss: str | Loss = "cross_entropy",
+    ignore_index: int = -100,
+    output_fn: OutputFn | None = None,
     **kwargs: Any,
 ) -> CurvatureResult:
     """Σ_l ‖θ_l‖² Tr(G_ll) over the scale-invariant groups (see the module docstring), G of Eq. 5.
@@ -262,6 +266,9 @@ def scale_invariant_sharpness(
     ``method`` and ``kwargs`` go to :func:`ggn_trace`, whose block traces are used (stochastic methods
     give a standard error, propagated assuming independent blocks). ``extra["groups"]`` lists, per
     group, its parameters, ‖θ_l‖², Tr(G_ll) and their product; ``extra["ggn_trace"]`` is the total.
+    ``loss``, ``ignore_index`` and ``output_fn`` are :func:`ggn_trace`'s: sequence outputs, padding, mean
+    squared error and sigmoid cross-entropy, Hugging Face outputs (G the mean over the counted predictions,
+    theory/CURVATURE.md §8; ``extra["n_predictions"]`` says how many).
 
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).double().eval()
@@ -279,7 +286,8 @@ def scale_invariant_sharpness(
     if not groups:
         raise GmixError("the model has no parameters feeding a normalisation layer alone (scaled by the same factor "
                         "and reaching the output by no other path): no scale-invariant groups")
-    trace = ggn_trace(model, data, method, bn_mode=bn_mode, batch_size=batch_size, **kwargs)
+    trace = ggn_trace(model, data, method, bn_mode=bn_mode, batch_size=batch_size, loss=loss,
+                      ignore_index=ignore_index, output_fn=output_fn, **kwargs)  # fmt: skip
     params = dict(model.named_parameters())
     value, var, rows = 0.0, 0.0, {}
     for name, names in groups.items():
@@ -297,5 +305,6 @@ def scale_invariant_sharpness(
         per_param={p: trace.per_param[p] for names in groups.values() for p in names},
         per_param_stderr={p: trace.per_param_stderr[p] for names in groups.values() for p in names
                           if p in trace.per_param_stderr},
-        extra={"groups": rows, "ggn_trace": trace.value, "weight_norms2": {k: v["norm2"] for k, v in rows.items()}},
+        extra={"groups": rows, "ggn_trace": trace.value, "weight_norms2": {k: v["norm2"] for k, v in rows.items()},
+               **{k: trace.extra[k] for k in ("loss", "n_predictions") if k in trace.extra}},  # fmt: skip
     )

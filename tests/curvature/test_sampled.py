@@ -129,3 +129,61 @@ def test_bad_stochastic_arguments(kwargs, match):
     model, x, y = materialise(FRESH[0])
     with pytest.raises(GmixError, match=match):
         ggn_trace(model, (x, y), "fisher_is", **kwargs)
+
+
+def _wide_batch(trained: bool, n: int = 240) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tanh MLP on n samples of 10 classes (float64); trained: Adam until the mean top probability is 0.99
+    (labels from a random teacher, so they can be fitted)."""
+    g = torch.Generator().manual_seed(3)
+    state = torch.random.get_rng_state()
+    torch.random.manual_seed(3)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 10)).double()
+    teacher = torch.nn.Linear(6, 10).double()
+    torch.random.set_rng_state(state)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    y = teacher(x).argmax(1).detach()
+    if trained:
+        opt = torch.optim.Adam(net.parameters(), lr=0.03)
+        for _ in range(3000):
+            if float(torch.softmax(net(x), 1).amax(1).mean()) >= 0.99:
+                break
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        assert float(torch.softmax(net(x), 1).amax(1).mean()) >= 0.99
+    return net.eval(), x, y
+
+
+@pytest.mark.montecarlo
+@pytest.mark.parametrize("method", ["fisher_is", "output_hutchinson", "fisher_mc"])
+def test_per_sample_standard_error_from_two_probes_covers(method):
+    """R = 150 runs of 2 probes each on 960 samples: the standard error from the per-sample terms (its basis
+    reported) must cover the exact value 95 % of the time within 4 binomial standard errors, and its square
+    must match the spread of the 150 estimates (ratio within 0.65..1.5: about 4 standard errors of a variance
+    from 150 values, sd √(2/149) = 0.12). The spread of 2 probe totals alone has one degree of freedom."""
+    model, x, y = _wide_batch(trained=False, n=960)
+    exact = exact_ggn_trace(model, (x, y)).value
+    runs = [ggn_trace(model, (x, y), method, num_probes=2, generator=100 + i) for i in range(150)]
+    assert all(r.extra["stderr_basis"] == "per-sample terms" and r.extra["stderr_samples"] >= 30 for r in runs)
+    values = torch.tensor([r.value for r in runs], dtype=torch.float64)
+    ses = torch.tensor([r.stderr for r in runs], dtype=torch.float64)
+    coverage = float(((values - exact).abs() <= 1.96 * ses).double().mean())
+    assert coverage > 0.95 - 4 * math.sqrt(0.95 * 0.05 / 150), coverage
+    ratio = float(ses.square().mean() / ((values - exact) ** 2).mean())
+    assert 0.65 < ratio < 1.5, ratio
+
+
+def test_standard_error_falls_back_to_probe_totals_where_few_samples_carry_the_variance():
+    """On the confident model a few samples near the decision boundary (and, for fisher_mc, a handful of draws
+    off the predicted class) carry the variance: the standard error comes from the probe totals and a target
+    runs at least 8 probes. On the fresh model, 2 probes of fisher_is reach the target."""
+    model, x, y = _wide_batch(trained=True)
+    with pytest.warns(EstimatorWarning):
+        mc = ggn_trace(model, (x, y), "fisher_mc", num_probes=2, generator=0, target_rel_stderr=0.9)
+    r = ggn_trace(model, (x, y), "fisher_is", num_probes=2, generator=0, target_rel_stderr=0.9)
+    for res in (mc, r):
+        assert res.extra["stderr_basis"] == "probe totals" and res.extra["stderr_samples"] < 30
+        assert res.n_probes == 8
+    model, x, y = _wide_batch(trained=False)
+    r = ggn_trace(model, (x, y), "fisher_is", num_probes=2, generator=0, target_rel_stderr=0.05)
+    assert r.extra["stderr_basis"] == "per-sample terms" and r.n_probes == 2 and r.rel_stderr <= 0.05

@@ -304,3 +304,46 @@ def test_hugging_face_gpt2_residual_stream():
     assert scale_invariant_groups(tied, x) == {}
     with pytest.raises(GmixError, match="no scale-invariant groups"):
         scale_invariant_sharpness(tied, (x, torch.zeros(3, 5, dtype=torch.int64)))
+
+
+def test_sharpness_of_a_padded_hugging_face_lm():
+    """Through ``output_fn`` and ``ignore_index``: the sharpness is Σ ‖θ_g‖² Tr(G_gg) of ggn_trace's blocks on the
+    counted tokens only, and rescaling the group leaves it unchanged."""
+    x = {"input_ids": torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(1))}
+    y = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(2))
+    y[0, 3:] = y[2, 4] = -100
+    model = _gpt2(tied=False)
+    kw = {"ignore_index": -100, "output_fn": lambda o: o.logits}
+    r = scale_invariant_sharpness(model, (x, y), **kw)
+    assert r.extra["n_predictions"] == 12
+    (names,) = scale_invariant_groups(model, x).values()
+    blocks = ggn_trace(model, (x, y), "exact", **kw).per_param
+    norm2 = sum(float(model.get_parameter(p).detach().square().sum()) for p in names)
+    assert r.value == pytest.approx(norm2 * sum(blocks[p] for p in names), rel=REL)
+    scaled = rescaled(model, x, names, ALPHA)
+    assert scale_invariant_sharpness(scaled, (x, y), **kw).value == pytest.approx(r.value, rel=REL)
+
+
+class NormedRegressor(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.ln, self.fc2 = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(self.ln(self.fc1(x))))
+
+
+def test_sharpness_with_mean_squared_error():
+    """loss="mse": the LayerNorm-fed layer is the group; its sharpness is unchanged by rescaling."""
+    torch.manual_seed(0)
+    model = NormedRegressor().double().eval()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    groups = scale_invariant_groups(model, x)
+    assert groups == {"fc1": ["fc1.weight", "fc1.bias"]}
+    r = scale_invariant_sharpness(model, (x, y), loss="mse")
+    assert r.extra["loss"] == "mse"
+    blocks = ggn_trace(model, (x, y), "exact", loss="mse").per_param
+    norm2 = sum(float(p.detach().square().sum()) for p in model.fc1.parameters())
+    assert r.value == pytest.approx(norm2 * (blocks["fc1.weight"] + blocks["fc1.bias"]), rel=REL)
+    scaled = rescaled(model, x, groups["fc1"], ALPHA)
+    assert scale_invariant_sharpness(scaled, (x, y), loss="mse").value == pytest.approx(r.value, rel=REL)
