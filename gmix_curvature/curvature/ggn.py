@@ -8,7 +8,7 @@ relative standard error r needs about (relative sd of a pass / r)² passes, and 
 falls as 1/√n. A standard error from the spread of probe totals needs at least ``AUTO_PILOT`` = 8 of them to
 be trusted, so with P·K ≤ ``AUTO_EXACT_MAX_CLASSES`` = 16 exact costs at most twice the pilot alone and runs
 directly; otherwise a pilot of ``fisher_is`` probes runs and continues to the target — its first round is
-``AUTO_FIRST_ROUND`` = 2 probes, enough where the standard error rests on the per-sample terms (many samples
+``AUTO_FIRST_ROUND`` = 4 probes, enough where the standard error rests on the per-sample terms (many samples
 carry the variance, theory/CURVATURE.md §9), else it runs ``AUTO_PILOT`` before deciding; when that is predicted to
 take P·K passes or more, exact runs instead (the result records the pilot's cost) — but only where
 P·K ≤ ``AUTO_EXACT_MAX_PASSES`` = 1024. Beyond it (a language model: P·K ≥ 30k for a vocabulary of 30k–50k)
@@ -54,7 +54,10 @@ __all__ = [
 ]  # fmt: skip
 
 AUTO_PILOT = 8  # = MIN_PROBES_FOR_TARGET: fewer probe values give no trustworthy standard error
-AUTO_FIRST_ROUND = 2  # the first round: enough where the standard error rests on the per-sample terms (§9)
+# the first round: enough where the standard error rests on the per-sample terms (§9); from k values per
+# sample the count of samples carrying the variance comes out low by (k + 1)/(k − 1) for Gaussian terms (3 at
+# k = 2, 5/3 at k = 4), so 4 probes let the per-sample standard error serve batches of ~50 samples and more
+AUTO_FIRST_ROUND = 4
 AUTO_EXACT_MAX_CLASSES = 2 * AUTO_PILOT  # exact costs P·K passes: at most twice the pilot alone
 AUTO_EXACT_MAX_PASSES = 1024  # beyond this many passes per batch exact is never chosen
 DEFAULT_TARGET = 0.01  # the "1 %" of the goals

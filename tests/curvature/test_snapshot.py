@@ -51,8 +51,9 @@ def test_auto_picks_exact_for_few_classes_and_fisher_is_for_many():
     assert r.method == "fisher_is" and r.rel_stderr <= 0.02 and r.n_probes < 100
     assert "auto" in r.extra
     strict = ggn_trace(net, (xs, ys), generator=0, target_rel_stderr=1e-4)
-    # 256 samples: the per-sample standard error is trusted after 2 passes, which already predict >= P·K passes
-    assert strict.method == "exact" and strict.extra["pilot_passes"] == 2
+    # 256 samples: the per-sample standard error is trusted after the first round (AUTO_FIRST_ROUND = 4 passes),
+    # which already predicts >= P·K passes
+    assert strict.method == "exact" and strict.extra["pilot_passes"] == 4
 
 
 class TinyLM(torch.nn.Module):
