@@ -383,14 +383,16 @@ class PerSampleNorms:
     def _replan(self) -> None:
         """The plan for the current subtrees, less the parameters found to be used directly."""
         plan = _plan(self.model, self.params, self._subtrees)
-        for mname, k in self._direct.values():
-            if mname in plan:
+        for name, (mname, k) in list(self._direct.items()):
+            if mname in plan and plan[mname][2].get(k) == name:
                 route, rule, local = plan[mname]
                 local = {a: b for a, b in local.items() if a != k}
                 if local:
                     plan[mname] = (route, rule, local)
                 else:
                     del plan[mname]
+            elif any(name in local.values() for _, _, local in plan.values()):
+                del self._direct[name]  # a module taken whole by the fallback (a subtree) owns it now
         self._plan = plan
 
     # forward -----------------------------------------------------------------------------------

@@ -615,3 +615,44 @@ def test_direct_uses_are_found_and_others_keep_the_fallback(shape: tuple, use: C
         got, want = hooks.norms(v), ref.norms(v)
         for name in params:
             torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0, msg=name)
+
+
+class Inner(nn.Module):
+    """A non-leaf module with a direct use (a bias broadcast over the batch) around a Linear child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.shift = nn.Parameter(torch.linspace(-0.3, 0.3, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.fc(x)) + self.shift
+
+
+class Outer(nn.Module):
+    """Calls ``F.linear`` on its child's weight (as Swin's attention does): the fallback takes it whole, and with
+    it the direct use inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Inner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + nn.functional.linear(x, self.inner.fc.weight)
+
+
+def test_a_direct_use_inside_a_module_the_fallback_takes_whole() -> None:
+    state = torch.random.get_rng_state()
+    torch.random.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), Outer(), nn.Linear(4, 3)).double()
+    torch.random.set_rng_state(state)
+    params = dict(model.named_parameters())
+    x = torch.randn(3, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    hooks, ref = PerSampleNorms(model, params), PerSampleNorms(model, params, "func")
+    out = hooks.forward(x)
+    assert hooks.routes == {"0": LINEAR, "1": "fallback", "2": LINEAR}, hooks.routes
+    ref.forward(x)
+    v = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    got, want = hooks.norms(v), ref.norms(v)
+    for name in params:
+        torch.testing.assert_close(got[name], want[name], rtol=RTOL, atol=0, msg=name)
