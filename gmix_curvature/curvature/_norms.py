@@ -244,9 +244,10 @@ class _Direct(TorchFunctionMode):
     tensor whose dim 0 is the batch, or (b) expanded from a leading 1 to the batch size. Replacing the view
     by its expansion over the batch (a new leaf, shape (N, …)) changes no value, and the gradient of that
     leaf's slice i is sample i's gradient of the view: its squared norm is sample i's ‖∂/∂θ‖² (every element
-    of the parameter appears at most once in the view). With ``substitute`` False the mode only classifies
-    (``verdict``: name -> "direct" or why not); with it, it substitutes and calls ``record(name, leaf)``.
-    A parameter used more than once, or in any other way, keeps the module-local fallback."""
+    of the parameter appears at most once in the view). Without ``record`` the mode only classifies
+    (``verdict``: name -> "direct" or why not); with it, it substitutes and calls ``record(name, leaf)``, and a
+    use that is no longer direct raises. A parameter used more than once, or in any other way, keeps the
+    module-local fallback."""
 
     def __init__(self, params: dict[int, tuple[str, torch.Tensor]], n: int,
                  record: Callable[[str, torch.Tensor], None] | None = None) -> None:  # fmt: skip
