@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from gmix_curvature.curvature._data import all_reduce_sum, as_batches, world
-from gmix_curvature.curvature._loss import Loss, Predictions, get_loss
+from gmix_curvature.curvature._loss import Loss, Predictions, get_loss, nothing_counted
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, has_batchnorm, model_device_dtype, trainable
 from gmix_curvature.curvature._norms import PerSampleNorms
 from gmix_curvature.curvature._outputs import OutputFn, model_output, predictions, resolve_output_fn
@@ -390,7 +390,7 @@ def run_per_sample(
             if s_all == 0:
                 raise GmixError("the data is empty: no samples to measure curvature on")
             if n_all == 0:
-                raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
+                raise GmixError(nothing_counted(loss_, ignore_index))
             per = torch.cat(per_sample, 1) if per_sample else torch.zeros(k, 0, dtype=torch.float64)
             return all_reduce_sum(totals).cpu(), all_reduce_sum(blocks).cpu(), n_all, s_all, per
 

@@ -43,6 +43,7 @@ __all__ = [
     "get_loss",
     "Predictions",
     "sample_categorical",
+    "nothing_counted",
 ]
 
 _SAMPLE_CHUNK = 2**24  # elements of a (rows, classes) block sampled at once
@@ -85,6 +86,19 @@ class Loss(abc.ABC):
 
     def check_targets(self, f: torch.Tensor, t: torch.Tensor) -> None:  # noqa: B027 (optional: nothing to check)
         """Check the counted targets t against their rows f (M, K); the default accepts them."""
+
+    def counted(self, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        """The (N, P) mask of counted predictions from targets laid out (N, P, K). Float targets (``mse``,
+        ``bce``): a prediction whose targets are NaN is not counted (the padding of a sequence regression, a
+        missing label of a multi-label head); a prediction only partly NaN is an error."""
+        nan = torch.isnan(targets)
+        partly = nan.any(-1) & ~nan.all(-1)
+        if bool(partly.any()):
+            raise GmixError(
+                f"{int(partly.sum())} predictions have targets that are partly NaN (loss {self.name!r}): a NaN "
+                "target marks a whole prediction, the output's last axis, as not counted"
+            )
+        return ~nan.all(-1)
 
     # --- per-prediction quantities on rows f (M, K) ---------------------------------------------
     def stats(self, f: torch.Tensor) -> Any:
@@ -168,6 +182,9 @@ class CrossEntropy(Loss):
         if k < 2:
             raise GmixError(f"loss 'cross_entropy' needs at least 2 classes, got logits {_shape(out)} (use 'bce')")
         return layout, y[0].numel() if n else 1, k
+
+    def counted(self, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        return targets[..., 0] != ignore_index
 
     def check_targets(self, f: torch.Tensor, t: torch.Tensor) -> None:
         k = f.shape[1]
@@ -319,6 +336,17 @@ class BinaryCrossEntropy(Loss):
 LOSSES: dict[str, Loss] = {cls.name: cls() for cls in (CrossEntropy, MeanSquaredError, BinaryCrossEntropy)}
 
 
+def nothing_counted(loss: str | Loss, ignore_index: int) -> str:
+    """The one-line message for data in which no prediction is counted.
+
+    >>> nothing_counted("mse", -100)
+    'every target is NaN (loss mse): no predictions to measure'
+    """
+    if get_loss(loss).name == "cross_entropy":
+        return f"every label is ignore_index ({ignore_index}): no predictions to measure"
+    return f"every target is NaN (loss {get_loss(loss).name}): no predictions to measure"
+
+
 def get_loss(name: str | Loss) -> Loss:
     """The loss named ``name`` (or ``name`` itself); an unknown name raises GmixError listing the valid ones.
 
@@ -357,12 +385,13 @@ class Predictions:
         self.n_samples = out.shape[0]
         npk = self.to_npk(out.detach())
         if isinstance(self.loss, CrossEntropy):
-            labels = y.reshape(self.n_samples, self.positions).long()  # uint8 masks (ignore 255), int32 ids
-            self.mask = labels != ignore_index
-            t = labels[self.mask]
+            labels = y.reshape(self.n_samples, self.positions, 1).long()  # uint8 masks (ignore 255), int32 ids
+            self.mask = self.loss.counted(labels, ignore_index)
+            t = labels[self.mask][:, 0]
         else:
-            self.mask = torch.ones(self.n_samples, self.positions, dtype=torch.bool, device=out.device)
-            t = y.detach().reshape(self.n_samples, self.positions, self.width)[self.mask].to(out.dtype)
+            targets = y.detach().reshape(self.n_samples, self.positions, self.width)
+            self.mask = self.loss.counted(targets, ignore_index)
+            t = targets[self.mask].to(out.dtype)
         self.sample, self.position = self.mask.nonzero(as_tuple=True)
         self.f = npk[self.mask]
         self.t = t

@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from gmix_curvature.curvature._data import all_reduce_sum, as_batches
 from gmix_curvature.curvature._engine import _progress, check_probes, count_non_finite, make_generator, run_rounds
+from gmix_curvature.curvature._loss import Loss, nothing_counted
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, model_device_dtype, trainable
 from gmix_curvature.curvature._outputs import OutputFn
 from gmix_curvature.curvature._result import CurvatureResult
@@ -65,6 +66,7 @@ def run_param_space(
     extra: dict | None = None,
     output_fn: OutputFn | None = None,
     ignore_index: int = -100,
+    loss: str | Loss = "cross_entropy",
 ) -> CurvatureResult:
     start = time.perf_counter()
     check_bn_mode(bn_mode)
@@ -95,7 +97,7 @@ def run_param_space(
             if s_all == 0:
                 raise GmixError("the data is empty: no samples to measure curvature on")
             if n_all == 0:
-                raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
+                raise GmixError(nothing_counted(loss, ignore_index))
             return all_reduce_sum(totals), all_reduce_sum(blocks), n_all, s_all
 
         sums = run_rounds(run_round, names, gen, num_probes, target_rel_stderr, max_probes or 10_000)

@@ -39,7 +39,7 @@ from gmix_curvature.curvature._engine import (
     probe_seeds,
     run_rounds,
 )
-from gmix_curvature.curvature._loss import Loss, Predictions, get_loss
+from gmix_curvature.curvature._loss import Loss, Predictions, get_loss, nothing_counted
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, has_batchnorm, model_device_dtype, trainable
 from gmix_curvature.curvature._outputs import OutputFn, call_model, resolve_output_fn
 from gmix_curvature.curvature._result import CurvatureResult
@@ -246,7 +246,7 @@ def deflated_ggn_trace(
         if n_samples == 0:
             raise GmixError("the data is empty: no samples to measure curvature on")
         if n_pred == 0:
-            raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
+            raise GmixError(nothing_counted(loss_, ignore_index))
 
         # 1. the sketch: Q = orth(G Ω)
         t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from torch import nn
 
 from gmix_curvature.curvature._data import all_reduce_sum, as_batches
 from gmix_curvature.curvature._engine import count_non_finite, make_generator, make_predictions
-from gmix_curvature.curvature._loss import Loss, get_loss
+from gmix_curvature.curvature._loss import Loss, get_loss, nothing_counted
 from gmix_curvature.curvature._model import bn_mode_context, check_bn_mode, model_device_dtype, trainable
 from gmix_curvature.curvature._outputs import OutputFn, predictions, resolve_output_fn
 from gmix_curvature.curvature._result import CurvatureResult
@@ -81,7 +81,7 @@ def top_eigenvalues(
                 n += pb.count
         n = int(all_reduce_sum(torch.tensor(float(n), dtype=torch.float64)).item())
         if n == 0:
-            raise GmixError(f"every label is ignore_index ({ignore_index}): no predictions to measure")
+            raise GmixError(nothing_counted(loss_, ignore_index))
         count = [0]
 
         def matvec(vec: np.ndarray) -> np.ndarray:

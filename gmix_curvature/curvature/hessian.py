@@ -108,5 +108,5 @@ def hessian_trace(
         model, data, batch_fn=batch_fn, method="hessian", quantity="hessian_trace", num_probes=num_probes,
         generator=generator, target_rel_stderr=target_rel_stderr, max_probes=max_probes, bn_mode=bn_mode,
         batch_size=batch_size, progress=progress, extra={"loss": loss_.name}, output_fn=out_fn,
-        ignore_index=ignore_index,
+        ignore_index=ignore_index, loss=loss_,
     )

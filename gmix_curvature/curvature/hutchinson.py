@@ -138,7 +138,7 @@ def hutchinson_ggn_trace(
         model, data, batch_fn=batch_fn, method="hutchinson", quantity="ggn_trace", num_probes=num_probes,
         generator=generator, target_rel_stderr=target_rel_stderr, max_probes=max_probes, bn_mode=bn_mode,
         batch_size=batch_size, progress=progress, extra={"loss": loss_.name}, output_fn=out_fn,
-        ignore_index=ignore_index,
+        ignore_index=ignore_index, loss=loss_,
     )
     if not per_param:
         result.per_param, result.per_param_stderr = {}, {}

@@ -65,12 +65,12 @@ def dense_jacobian(model: nn.Module, x: Any, output_fn: OutputFn | None = None) 
 
 def reference_loss(out: torch.Tensor, y: torch.Tensor, loss: str = "cross_entropy", ignore_index: int = -100):
     """The mean loss as torch computes it: F.cross_entropy (classes in dim 1, or classes last moved there),
-    F.mse_loss or F.binary_cross_entropy_with_logits, reduction "mean"."""
+    F.mse_loss or F.binary_cross_entropy_with_logits, reduction "mean" (over the targets that are not NaN)."""
     name = get_loss(loss).name
-    if name == "mse":
-        return F.mse_loss(out, y)
-    if name == "bce":
-        return F.binary_cross_entropy_with_logits(out, y)
+    if name in ("mse", "bce"):  # NaN targets are not counted: the masked mean a user writes
+        keep = ~torch.isnan(y)
+        fn = F.mse_loss if name == "mse" else F.binary_cross_entropy_with_logits
+        return fn(out[keep], y[keep])
     if out.ndim > 2 and y.shape != (out.shape[0], *out.shape[2:]):
         out = out.movedim(-1, 1)  # classes last -> classes in dim 1
     return F.cross_entropy(out, y, ignore_index=ignore_index)

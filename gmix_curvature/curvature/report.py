@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gmix_curvature.checkpoint import load_checkpoint
-from gmix_curvature.curvature._loss import LOSSES
+from gmix_curvature.curvature._loss import LOSSES, nothing_counted
 from gmix_curvature.curvature._outputs import OutputFn, predictions
 from gmix_curvature.curvature._result import CONVENTION, CurvatureResult, EstimatorWarning
 from gmix_curvature.curvature.empirical import empirical_fisher_trace
@@ -200,7 +200,8 @@ def _one_hot(num_classes: int) -> Callable[[Any, torch.Tensor], tuple[Any, torch
 def count_predictions(out: torch.Tensor, batches: EvalBatches, loss: str, ignore_index: int) -> int:
     """Check every batch's targets against the model's output ``out`` (on the first batch) and return n, the
     number of counted predictions: labels that are not ``ignore_index`` (cross-entropy), output vectors
-    (``mse``: F.mse_loss averages over the last dimension), output elements (``bce``)."""
+    (``mse``: F.mse_loss averages over the last dimension), output elements (``bce``); NaN float targets are
+    not counted (a partly NaN output vector is refused by the estimators)."""
     n = 0
     first = True
     for y in batches.labels():
@@ -221,12 +222,13 @@ def count_predictions(out: torch.Tensor, batches: EvalBatches, loss: str, ignore
                 raise GmixError(
                     f"{loss} targets of shape {tuple(y.shape)} do not match outputs of shape {tuple(out.shape)}"
                 )
-            if loss == "bce" and y.numel() and (float(y.min()) < 0 or float(y.max()) > 1):
+            known = y[~torch.isnan(y)]  # NaN: a prediction that is not counted
+            if loss == "bce" and known.numel() and (float(known.min()) < 0 or float(known.max()) > 1):
                 raise GmixError("bce targets must lie in [0, 1]")
-            n += int(y.numel() // (y.shape[-1] if loss == "mse" and y.ndim > 1 else 1))
+            n += int(known.numel() // (y.shape[-1] if loss == "mse" and y.ndim > 1 else 1))
         first = False
     if n == 0:
-        raise GmixError(f"every label is ignore_index={ignore_index}: no prediction to measure curvature on")
+        raise GmixError(nothing_counted(loss, ignore_index))
     return n
 
 

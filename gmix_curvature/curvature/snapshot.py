@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gmix_curvature.curvature._data import all_reduce_sum, as_batches
+from gmix_curvature.curvature._loss import nothing_counted
 from gmix_curvature.curvature._model import bn_mode_context, model_device_dtype
 from gmix_curvature.curvature._outputs import OutputFn, predictions
 from gmix_curvature.curvature.eigen import top_eigenvalues
@@ -47,7 +48,7 @@ def loss_sums(
     predictions: cross-entropy over labels that are not ``ignore_index`` (classes in dim 1, or last for (N, T, C)
     logits with (N, T) labels); ``mse`` as ``F.mse_loss`` (squared errors averaged over the last dimension, one
     prediction per output vector, no accuracy: NaN); ``bce`` per output element, correct when σ(logit) > 1/2 agrees
-    with target > 1/2.
+    with target > 1/2. NaN float targets are not counted.
 
     >>> out = torch.tensor([[[2.0, 0.0], [0.0, 1.0]]])  # (N=1, T=2, C=2)
     >>> loss_sums(out, torch.tensor([[0, -100]])).tolist()[1:]
@@ -60,14 +61,16 @@ def loss_sums(
         total = F.cross_entropy(out.double(), y, ignore_index=ignore_index, reduction="sum")
         correct = ((out.argmax(1) == y) & counted).sum()
         return torch.stack([total, correct.double(), counted.sum().double()]).cpu()
+    keep = ~torch.isnan(y)  # float targets: NaN marks a prediction that is not counted
     if loss == "mse":
-        total = F.mse_loss(out.double(), y.double(), reduction="sum") / (out.shape[-1] if out.ndim > 1 else 1)
-        n = out.numel() // (out.shape[-1] if out.ndim > 1 else 1)
+        width = out.shape[-1] if out.ndim > 1 else 1
+        total = F.mse_loss(out.double()[keep], y.double()[keep], reduction="sum") / width
+        n = int(keep.sum()) // width
         return torch.stack([total, torch.tensor(math.nan, dtype=torch.float64), torch.tensor(float(n))]).cpu()
     if loss == "bce":
-        total = F.binary_cross_entropy_with_logits(out.double(), y.double(), reduction="sum")
-        correct = ((out > 0) == (y > 0.5)).sum().double()
-        return torch.stack([total, correct, torch.tensor(float(out.numel()), dtype=torch.float64)]).cpu()
+        total = F.binary_cross_entropy_with_logits(out.double()[keep], y.double()[keep], reduction="sum")
+        correct = ((out > 0) == (y > 0.5))[keep].sum().double()
+        return torch.stack([total, correct, keep.sum().double()]).cpu()
     raise GmixError(f"unknown loss {loss!r}; valid: cross_entropy, mse, bce")
 
 
@@ -82,7 +85,7 @@ def _loss_accuracy(
             acc += loss_sums(predictions(model, x, output_fn), y, loss, ignore_index)
     acc = all_reduce_sum(acc)
     if acc[2] == 0:
-        raise GmixError(f"every label is ignore_index={ignore_index}: no prediction to measure the loss on")
+        raise GmixError(nothing_counted(loss, ignore_index))
     return float(acc[0] / acc[2]), float(acc[1] / acc[2]), int(acc[2])
 
 

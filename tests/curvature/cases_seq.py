@@ -137,6 +137,20 @@ def _bce(g: torch.Generator) -> tuple[nn.Module, Any, torch.Tensor]:
     return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5)), x, y
 
 
+def _mse_seq_padded(g: torch.Generator) -> tuple[nn.Module, Any, torch.Tensor]:
+    """Sequence regression with padding: NaN targets mark positions that are not counted."""
+    model, x, y = _mse_seq(g)
+    y[0, 2] = y[3, 0] = float("nan")
+    return model, x, y
+
+
+def _bce_missing(g: torch.Generator) -> tuple[nn.Module, Any, torch.Tensor]:
+    """A multi-label head with missing labels (NaN: not counted)."""
+    model, x, y = _bce(g)
+    y[1, 3] = y[4, 0] = y[4, 4] = float("nan")
+    return model, x, y
+
+
 def _segmentation(g: torch.Generator) -> tuple[nn.Module, Any, torch.Tensor]:
     x = torch.randn(3, 1, 4, 4, generator=g)
     y = torch.randint(0, 3, (3, 4, 4), generator=g)
@@ -168,6 +182,8 @@ SEQ_CASES = [
     SeqCase("mse_sequence", _mse_seq, loss="mse"),
     SeqCase("bce_multilabel", _bce, loss="bce"),
     SeqCase("segmentation", _segmentation),
+    SeqCase("mse_sequence_padded", _mse_seq_padded, loss="mse"),
+    SeqCase("bce_missing_labels", _bce_missing, loss="bce"),
 ]
 LM_FRESH = SEQ_CASES[0]
 LM_TRAINED = SeqCase("tiny_lm", _lm, trained=True)

@@ -51,8 +51,9 @@ def test_exact_matches_dense_ggn(case, backend):
     assert r.value == pytest.approx(float(dense.trace()), rel=REL)
     for name, b in _blocks(dense, model).items():
         assert r.per_param[name] == pytest.approx(b, rel=REL, abs=1e-12 * r.value)
-    # counted predictions: labels not ignored; one per D-vector for mse; one per element for bce
-    counted = {"cross_entropy": int((y != IGNORE).sum()), "mse": y.numel() // y.shape[-1], "bce": y.numel()}
+    # counted predictions: labels not ignored; one per D-vector for mse; one per element for bce (NaN: not counted)
+    known = int((~torch.isnan(y)).sum()) if y.is_floating_point() else 0
+    counted = {"cross_entropy": int((y != IGNORE).sum()), "mse": known // y.shape[-1], "bce": known}
     assert r.extra["n_predictions"] == counted[case.loss]
     assert r.n_samples == y.shape[0] and r.extra["loss"] == case.loss
 
@@ -314,3 +315,21 @@ def test_fisher_mc_unbiased_on_the_trained_confident_lm_given_enough_draws_off_t
         r = ggn_trace(model, (x, y), "fisher_mc", num_probes=1024, generator=6, backend=BACKEND)
     assert r.extra["effective_sample_size"] > 30
     assert abs(r.value - exact) < Z * r.stderr, (r.value, exact, r.stderr)
+
+
+@pytest.mark.parametrize("loss", ["mse", "bce"])
+def test_nan_targets_count_as_absent(loss):
+    """A sample whose targets are all NaN gives the Tr(G) of the batch without it; the loss and its Hessian
+    trace with the same probes likewise (float targets: NaN marks a prediction that is not counted)."""
+    model, x, y = materialise_seq(next(c for c in SEQ_CASES if c.loss == loss and c.name.endswith(("padded",
+                                                                                                     "labels"))))
+    masked = y.clone()
+    masked[2] = float("nan")
+    keep = [i for i in range(y.shape[0]) if i != 2]
+    a = exact_ggn_trace(model, (x, masked), loss=loss)
+    b = exact_ggn_trace(model, (x[keep], y[keep]), loss=loss)
+    assert a.value == pytest.approx(b.value, rel=1e-12)
+    assert a.extra["n_predictions"] == b.extra["n_predictions"]
+    h = hessian_trace(model, (x, masked), loss=loss, num_probes=4, generator=0)
+    h_keep = hessian_trace(model, (x[keep], y[keep]), loss=loss, num_probes=4, generator=0)
+    assert h.value == pytest.approx(h_keep.value, rel=1e-10)  # the same probes on the same Hessian
