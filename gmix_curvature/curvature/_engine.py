@@ -214,8 +214,11 @@ def run_rounds(
     budget: int | None = None,
 ) -> ProbeSums:
     """Run probes in rounds until ``num_probes`` are done and, with a target, the relative standard
-    error reaches it (or ``max_probes`` ran). ``run_round(seeds)`` returns all-reduced per-probe sums.
-    With ``budget``, raise :class:`OverBudget` as soon as the target is predicted to need more probes."""
+    error reaches it (or ``max_probes`` ran). ``run_round(seeds)`` returns all-reduced per-probe sums (and,
+    optionally, this rank's per-sample terms: :class:`ProbeSums`). With a target the first round is
+    ``num_probes`` (at least 2); a prediction of the probes still needed is made only from a trusted standard
+    error (the per-sample one, or at least ``MIN_PROBES_FOR_TARGET`` probe totals), else the probes run up to
+    that many first. With ``budget``, raise :class:`OverBudget` as soon as a trusted prediction exceeds it."""
     sums = ProbeSums(names)
     todo = max(num_probes, 2) if target_rel_stderr is not None else num_probes
     while todo > 0:
