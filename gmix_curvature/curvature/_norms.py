@@ -13,13 +13,11 @@ between positions included. Two backends:
   LayerNorm, RMSNorm, GroupNorm, BatchNorm in eval mode, Embedding (ghost norm through token equality),
   nn.MultiheadAttention as one module (its ``out_proj`` is called functionally). Every other module that
   owns parameters goes to the module-local fallback (``torch.func`` on that module alone, from its recorded
-  inputs and output gradient). Parameters that a non-leaf module uses directly are either registered
-  batch-broadcast parameters (:data:`BROADCAST_PARAMS`: the ViT class token and position embedding; the
-  parameter is replaced during its module's forward by a view expanded over the batch, whose gradient is
-  the per-sample gradient), or are found on the first forward pass to be *used directly* (:class:`_Direct`:
-  a bare position embedding ``x + self.pos[:t]``, timm's ``cls_token.expand(n, -1, -1)`` and ``x +
-  pos_embed``, ConvNeXt's layer scale; the same expansion, found by watching the module's operations), or
-  go to the fallback on their module with only those parameters substituted.
+  inputs and output gradient). Parameters that a non-leaf module uses in its own forward are either found on
+  the first forward pass to be *used directly* (:class:`_Direct`: a bare position embedding ``x +
+  self.pos[:t]``, the class token and position embedding of torchvision's and timm's ViTs, ConvNeXt's layer
+  scale: the parameter's view is replaced by its expansion over the batch, whose gradient is the per-sample
+  gradient), or go to the fallback on their module with only those parameters substituted.
   A parameter used more than once (tied weights, a module called twice) gets the per-sample gradients of
   all its uses summed before the square: Σ_u ‖G^(u)‖² + 2 Σ_{u<u'} ⟨G^(u), G^(u')⟩, the cross terms from
   the factored (ghost) forms of Linear and Embedding uses (no per-sample (V, d) tensor), else from dense
@@ -62,16 +60,10 @@ from gmix_curvature.curvature._rules.conv import CACHE_BUDGET, UNFOLD_BUDGET, co
 from gmix_curvature.curvature._rules.functorch import fallback_grads, fallback_norms
 from gmix_curvature.errors import GmixError
 
-__all__ = ["PerSampleNorms", "BACKENDS", "BROADCAST_PARAMS", "CACHE_BUDGET", "conv_rule", "supports_hooks"]
+__all__ = ["PerSampleNorms", "BACKENDS", "CACHE_BUDGET", "conv_rule", "supports_hooks"]
 
 BACKENDS = ("auto", "hooks", "func")
 _UNFOLD_BUDGET = UNFOLD_BUDGET
-# (module class path, parameter name): parameters of shape (1, ...) that their module adds to / concatenates
-# with every sample of the batch by broadcasting, so that an (N, ...) expansion gives per-sample gradients.
-BROADCAST_PARAMS: set[tuple[str, str]] = {
-    ("torchvision.models.vision_transformer.VisionTransformer", "class_token"),
-    ("torchvision.models.vision_transformer.Encoder", "pos_embedding"),
-}
 
 
 class _Unsupported(Exception):
@@ -88,10 +80,6 @@ class _Stray(Exception):
     def __init__(self, message: str, holders: frozenset[str]) -> None:
         super().__init__(message)
         self.holders = holders
-
-
-def _class_path(m: nn.Module) -> str:
-    return f"{type(m).__module__}.{type(m).__qualname__}"
 
 
 def _plan(
@@ -138,12 +126,7 @@ def _plan(
         local = {k: names[id(p)] for k, p in own if id(p) in names and not below(mname, p)}
         if not local:
             continue
-        path = _class_path(m)
-        leaf = not any(True for _ in m.children())
-        if not leaf and all((path, k) in BROADCAST_PARAMS and m.get_parameter(k).shape[0] == 1 for k in local):
-            plan[mname] = ("broadcast", None, local)
-        else:
-            plan[mname] = ("fallback", None, local)
+        plan[mname] = ("fallback", None, local)
     return plan
 
 
@@ -253,6 +236,7 @@ class _Direct(TorchFunctionMode):
                  record: Callable[[str, torch.Tensor], None] | None = None) -> None:  # fmt: skip
         super().__init__()
         self.params, self.n, self.record = params, n, record
+        self.roots = {name: t for name, t in params.values()}
         self.derived: dict[int, tuple[str, torch.Tensor]] = {}  # id(view) -> (name, view): kept alive here
         self.verdict: dict[str, str] = {}
         self.count: dict[str, int] = {}
@@ -282,7 +266,7 @@ class _Direct(TorchFunctionMode):
                 self._reject(other, f"{fname} with itself or another parameter")
             return func(*args, **kwargs)
         others = [t for t in flat if isinstance(t, torch.Tensor) and t is not d]
-        root = self.params[next(k for k, v in self.params.items() if v[0] == name)][1]
+        root = self.roots[name]
         if fname == "expand" and not others:  # (b) a class token expanded over the batch
             out = func(*args, **kwargs)
             if d.dim() and d.shape[0] == 1 and out.dim() == d.dim() and out.shape[0] == self.n > 1 \
@@ -374,7 +358,7 @@ class PerSampleNorms:
 
     @property
     def routes(self) -> dict[str, str]:
-        """{module name: "rule:<layer>" | "fallback" | "broadcast"} of the hooks backend ({} for torch.func);
+        """{module name: "rule:<layer>" | "fallback"} of the hooks backend ({} for torch.func);
         a parameter that its non-leaf module uses directly (:class:`_Direct`) appears under its own name as
         "direct"."""
         if self.backend == "func":
@@ -407,10 +391,10 @@ class PerSampleNorms:
                 while True:
                     try:
                         return self._hooked_forward(x)
-                    except _Retry:
-                        self._records, self._stops = [], []
+                    except _Retry:  # the first pass's graph goes before the second is built
+                        self._records, self._stops, self._logits, self._x = [], [], None, None
                     except _Stray as exc:  # a module using its children's parameters: the fallback takes it whole
-                        self._records, self._stops = [], []
+                        self._records, self._stops, self._logits, self._x = [], [], None, None
                         if "" in exc.holders or exc.holders <= self._subtrees:
                             raise _Unsupported(str(exc)) from None
                         self._subtrees = self._subtrees | exc.holders
@@ -429,35 +413,12 @@ class PerSampleNorms:
         n = _batch_size(x)
         # [elements left, backward passes done]: what the rules keep across the backward passes of this forward
         budget = self._budget = [CACHE_BUDGET, 0]
-        swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         modules = dict(self.model.named_modules())
-
-        def pre_hook(mname: str) -> Callable:
-            route, _, local = self._plan[mname]
-
-            def hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-                if route == "broadcast":
-                    for k in local:
-                        p = m._parameters[k]
-                        rep = p.detach().expand(n, *p.shape[1:]).requires_grad_()
-                        swapped.append((m, k, p))
-                        m._parameters[k] = rep
-                        rec = Record(m, (), {}, n, grads=[None])
-                        rep.register_hook(self._slot(rec, 0))
-                        self._stops.append(rep)
-                        self._records.append((rec, route, None, {k: local[k]}))
-
-            return hook
 
         def post_hook(mname: str) -> Callable:
             route, rule, local = self._plan[mname]
 
             def hook(m: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
-                if route == "broadcast":
-                    while swapped and swapped[-1][0] is m:
-                        _, k, p = swapped.pop()
-                        m._parameters[k] = p
-                    return None
                 flat, spec = tree_flatten(out)
                 slots = [j for j, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
                 if rule is not None:
@@ -504,7 +465,6 @@ class PerSampleNorms:
         handles = []
         for mname in self._plan:
             m = modules[mname]
-            handles.append(m.register_forward_pre_hook(pre_hook(mname), with_kwargs=True))
             handles.append(m.register_forward_hook(post_hook(mname), with_kwargs=True))
         frozen = [(p, p.requires_grad) for p in self.model.parameters()]
         direct, candidates = None, {}
@@ -523,7 +483,7 @@ class PerSampleNorms:
                 rec = Record(modules[mname], (), {}, n, grads=[None])
                 e.register_hook(self._slot(rec, 0))
                 self._stops.append(e)
-                self._records.append((rec, "broadcast", None, {k: name}))
+                self._records.append((rec, "direct", None, {k: name}))
 
             tracked = {id(p): (name, p) for name, p in self.params.items() if name in self._direct}
             direct = _Direct(tracked, n, record)
@@ -550,8 +510,6 @@ class PerSampleNorms:
                 h.remove()
             for p, flag in frozen:
                 p.requires_grad_(flag)
-            for m, k, p in reversed(swapped):
-                m._parameters[k] = p
         if candidates:
             self._analysed = True
             found = {c[0]: c[2:] for c in candidates.values() if direct.verdict.get(c[0]) == "direct"}
@@ -617,7 +575,7 @@ class PerSampleNorms:
                 rec, route, rule, local = self._records[r]
                 if all(g is None for g in rec.grads):
                     norm_cache[r] = {k: v.new_zeros(n) for k in local}
-                elif route == "broadcast":
+                elif route == "direct":  # the gradient of the parameter's view expanded over the batch
                     norm_cache[r] = {k: rec.g.reshape(n, -1).square().sum(1) for k in local}
                 elif rule is not None:
                     norm_cache[r] = rule.norms(rec)
@@ -632,7 +590,7 @@ class PerSampleNorms:
                 if all(g is None for g in rec.grads):
                     got = {k: torch.zeros(n, *self.params[name].shape, dtype=v.dtype, device=v.device)
                            for k, name in local.items()}  # fmt: skip
-                elif route == "broadcast":
+                elif route == "direct":  # never asked: a direct parameter has one use, so no cross terms
                     got = {k: rec.g for k in local}
                 elif rule is not None:
                     got = rule.grads(rec)

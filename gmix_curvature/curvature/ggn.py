@@ -193,18 +193,12 @@ def ggn_trace(
                 model, data, rank=rank, num_probes=AUTO_PILOT, generator=generator, target_rel_stderr=target,
                 max_probes=max_probes, backend=backend, **common,
             )
-            r.extra["auto"] = (
-                f"pilot of {over.sums.k} fisher_is passes (relative stderr {over.sums.rel_stderr():.3g}) predicted "
-                f"{predicted} >= {AUTO_DEFLATE_MIN_PASSES} passes to {target:g}: fisher_is_deflated, rank {rank}"
-            )
-            r.extra["pilot_passes"] = over.sums.k
-            r.seconds = time.perf_counter() - start
-            return r
-        r = exact_ggn_trace(model, data, backend=backend, **common)
-        r.extra["auto"] = (
-            f"pilot of {over.sums.k} fisher_is passes (relative stderr {over.sums.rel_stderr():.3g}) predicted "
-            f">= P·K = {passes} passes to {target:g}: exact"
-        )
+            why = f"{predicted} >= {AUTO_DEFLATE_MIN_PASSES} passes to {target:g}: fisher_is_deflated, rank {rank}"
+        else:
+            r = exact_ggn_trace(model, data, backend=backend, **common)
+            why = f">= P·K = {passes} passes to {target:g}: exact"
+        pilot = f"pilot of {over.sums.k} fisher_is passes (relative stderr {over.sums.rel_stderr():.3g}) predicted"
+        r.extra["auto"] = f"{pilot} {why}"
         r.extra["pilot_passes"] = over.sums.k
-        r.seconds = time.perf_counter() - start
+        r.seconds = time.perf_counter() - start  # the pilot included
         return r

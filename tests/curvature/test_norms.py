@@ -266,7 +266,7 @@ CASES = [
              {"embed": "rule:embedding", "out": LINEAR, "encoder.layers.0.self_attn": MHA,
               "decoder.layers.0.multihead_attn": MHA, "decoder.layers.0.norm3": "rule:layer_norm"}),
     NormCase("vit", _vit, lambda g: torch.randn(3, 3, 32, 32, generator=g, dtype=torch.float64),
-             {"": "broadcast", "encoder": "broadcast", "conv_proj": CONV,
+             {"class_token": "direct", "encoder.pos_embedding": "direct", "conv_proj": CONV,
               "encoder.layers.encoder_layer_0.self_attention": MHA, "encoder.ln": "rule:layer_norm",
               "heads.head": LINEAR}),
     NormCase("convnext", _convnext, lambda g: torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
@@ -521,24 +521,17 @@ def test_total_norms_match_opacus_ghost_clipping() -> None:
     torch.testing.assert_close(ours, gsm.get_norm_sample(), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("detect", [True, False], ids=["direct", "fallback"])
-def test_vit_tokens_without_the_registered_expansion(monkeypatch: pytest.MonkeyPatch, detect: bool) -> None:
-    """Without the registered batch expansion, the class token (owned by the model itself) and the position
-    embedding (owned by the encoder) are found to be used directly (expanded over the batch, broadcast against
-    it); with that detection off too, they go through the fallback on their modules, with only those
-    parameters substituted. Both equal the whole-model path."""
+def test_vit_tokens_through_the_module_local_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the detection of direct uses off, the class token (owned by the model itself) and the position
+    embedding (owned by the encoder) go through the fallback on their modules, with only those parameters
+    substituted, and still equal the whole-model path (the vit case above takes them as direct uses)."""
     import gmix_curvature.curvature._norms as norms
 
-    monkeypatch.setattr(norms, "BROADCAST_PARAMS", set())
-    monkeypatch.setattr(norms, "DETECT_DIRECT", detect)
+    monkeypatch.setattr(norms, "DETECT_DIRECT", False)
     model, x, g, params = _materialise(next(c for c in CASES if c.name == "vit"))
     psn = PerSampleNorms(model, params)
     out = psn.forward(x)
-    if detect:
-        assert psn.routes["class_token"] == psn.routes["encoder.pos_embedding"] == "direct"
-        assert "fallback" not in psn.routes.values()
-    else:
-        assert psn.routes[""] == psn.routes["encoder"] == "fallback"
+    assert psn.routes[""] == psn.routes["encoder"] == "fallback"
     assert psn.routes["conv_proj"] == "rule:conv"
     v = torch.randn(out.shape, generator=g, dtype=out.dtype)
     ref = PerSampleNorms(model, params, "func")
